@@ -1,0 +1,55 @@
+/**
+ * fastify-idempotency: the Idempotency-Key header for Fastify. The first
+ * request with a key runs the handler; every retry gets the saved response.
+ */
+import fp from 'fastify-plugin'
+import type { FastifyPluginAsync, FastifyReply, RouteOptions } from 'fastify'
+import { createHooks } from './lib/hooks.js'
+import { LeaseKeeper } from './lib/leases.js'
+import { resolveOptions } from './lib/options.js'
+import { resolveRoute } from './lib/route-config.js'
+import { NO_KEY, kState, type StatefulReply } from './lib/state.js'
+import { pickStore } from './lib/stores/index.js'
+import type { FastifyIdempotencyOptions } from './types/index.js'
+
+export type * from './types/index.js'
+export { MemoryStore, type MemoryStoreOptions } from './lib/stores/memory.js'
+export { canonicalJson, defaultFingerprint } from './lib/fingerprint.js'
+export { defaultKeyEncoder } from './lib/key-encoder.js'
+export * as errors from './lib/errors.js'
+
+const plugin: FastifyPluginAsync<FastifyIdempotencyOptions> = async (fastify, options) => {
+  const settings = resolveOptions(options)
+  const { store, owned } = pickStore(settings.store)
+  const leases = new LeaseKeeper(settings.lockTtl)
+  const hooks = createHooks(settings, leases)
+
+  fastify.decorate('idempotency', { store })
+  fastify.decorateReply(kState, null)
+  fastify.decorateReply('idempotency', {
+    getter (this: FastifyReply) {
+      return (this as StatefulReply)[kState] ?? NO_KEY
+    }
+  })
+
+  fastify.addHook('onRoute', (route: RouteOptions) => {
+    const routeSettings = resolveRoute(route, settings, store)
+    if (routeSettings === undefined) return
+    route.onRequest = [...asArray(route.onRequest), hooks.checkHeader(routeSettings)]
+    route.preHandler = [...asArray(route.preHandler), hooks.claimKey]
+    route.handler = hooks.trackHandler(route.handler)
+  })
+  fastify.addHook('onSend', hooks.saveReply)
+  fastify.addHook('onClose', async () => {
+    leases.close()
+    if (owned) await store.close?.()
+  })
+}
+
+function asArray<T> (value: T | T[] | undefined): T[] {
+  if (value === undefined) return []
+  return Array.isArray(value) ? value : [value]
+}
+
+export const fastifyIdempotency = fp(plugin, { fastify: '5.x', name: 'fastify-idempotency' })
+export default fastifyIdempotency

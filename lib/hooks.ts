@@ -1,0 +1,202 @@
+/**
+ * The request path, top to bottom:
+ *
+ *   onRequest   checkHeader   parse and validate the key, before the body is read
+ *   preHandler  claimKey      claim the key, or replay / reject / wait (last in the route's chain)
+ *   handler     trackHandler  know when the handler ends, however it ends
+ *   onSend      saveReply     save the serialized reply, or release the claim
+ *
+ * Route hooks are built once per covered route; `saveReply` is one global
+ * `onSend` that returns at once for requests it does not own.
+ */
+import { setTimeout as sleep } from 'node:timers/promises'
+import type {
+  FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction, RouteHandlerMethod
+} from 'fastify'
+import { FingerprintMismatchError, InFlightError, KeyMissingError, StoreUnavailableError } from './errors.js'
+import { parseKey } from './header.js'
+import type { LeaseKeeper } from './leases.js'
+import type { PluginSettings } from './options.js'
+import { captureResponse, replayResponse } from './response.js'
+import type { RouteSettings } from './route-config.js'
+import {
+  DONE, RUNNING_ASYNC, RUNNING_CALLBACK, RequestState, kState, type StatefulReply
+} from './state.js'
+import type { ClaimResult, StoredResponse } from '../types/index.js'
+
+/** First and longest pause between two looks at an in-flight original, in ms. */
+const FIRST_POLL = 5
+const LONGEST_POLL = 100
+
+export function createHooks (settings: PluginSettings, leases: LeaseKeeper) {
+  const { header, keyRules, keyEncoder, lockTtl, replayHeader, telemetry, inFlightWait } = settings
+
+  /** onRequest: the key is parsed and validated before the body is read. */
+  function checkHeader (route: RouteSettings) {
+    return function checkHeader (request: FastifyRequest, reply: FastifyReply, done: HookHandlerDoneFunction): void {
+      if (!route.methods.has(request.method)) return done()
+      const state = new RequestState(route, request)
+      ;(reply as StatefulReply)[kState] = state
+      if (telemetry) state.startedAt = performance.now()
+      const raw = request.headers[header]
+      if (raw === undefined) return done(route.required ? new KeyMissingError(header) : undefined)
+      try {
+        state.key = parseKey(raw, keyRules)
+      } catch (err) {
+        return done(err as Error)
+      }
+      done()
+    }
+  }
+
+  /**
+   * preHandler, last in the route's chain (auth has run, the body is parsed):
+   * one atomic store step claims the key or returns what holds it.
+   */
+  async function claimKey (request: FastifyRequest, reply: FastifyReply): Promise<FastifyReply | undefined> {
+    const state = (reply as StatefulReply)[kState]
+    if (state === null || state.key === undefined) return
+    const route = state.route
+    const queryAt = request.url.indexOf('?')
+    state.storeKey = keyEncoder({
+      scope: route.scope?.(request),
+      method: request.method,
+      path: queryAt === -1 ? request.url : request.url.slice(0, queryAt),
+      key: state.key
+    })
+    const fingerprint = route.fingerprint?.(request)
+    const deadline = inFlightWait > 0 ? Date.now() + inFlightWait : 0
+    let pause = FIRST_POLL
+    for (;;) {
+      const result = await claimOrFail(state, fingerprint, reply)
+      if (result === undefined) return // the store failed and the policy is fail-open: run without idempotency
+      if (result.token !== undefined) {
+        state.token = result.token
+        leases.hold(state)
+        return
+      }
+      const record = result.record
+      if (fingerprint !== undefined && record.fingerprint !== undefined && record.fingerprint !== fingerprint) {
+        throw new FingerprintMismatchError()
+      }
+      if (record.state === 'completed') {
+        state.exists = true
+        state.response = record.response
+        if (route.manual) return // the handler decides what a duplicate gets
+        state.replayed = true
+        return replayResponse(reply, record.response, route, replayHeader)
+      }
+      // In flight: wait for the original to complete or release the key, up to inFlight.wait.
+      const left = deadline - Date.now()
+      if (left <= 0) {
+        const err: Error & { statusCode: number } = new InFlightError()
+        err.statusCode = settings.inFlightStatus
+        reply.header('retry-after', '1')
+        throw err
+      }
+      await sleep(Math.min(pause, left))
+      pause = Math.min(pause * 2, LONGEST_POLL)
+    }
+  }
+
+  /** One claim attempt; a store failure is answered by the route's policy (undefined: fail-open). */
+  async function claimOrFail (state: RequestState, fingerprint: string | undefined, reply: FastifyReply): Promise<ClaimResult | undefined> {
+    try {
+      return await state.route.store.claim(state.storeKey, fingerprint, lockTtl)
+    } catch (err) {
+      const failOpen = state.route.onStoreError === 'fail-open'
+      state.request.log.error({ err, idempotencyKey: state.storeKey },
+        failOpen ? 'idempotency: store failed; running the handler without idempotency (fail-open)' : 'idempotency: store failed; request refused (fail-closed)')
+      if (failOpen) return undefined
+      reply.header('retry-after', '1')
+      throw new StoreUnavailableError()
+    }
+  }
+
+  /**
+   * Wraps a covered route's handler to know when it ends: a claim is released
+   * only when the handler never started or has finished without a storable
+   * result, never while it may still be running.
+   */
+  function trackHandler (handler: RouteHandlerMethod): RouteHandlerMethod {
+    return function trackedHandler (this: FastifyInstance, request, reply) {
+      const state = (reply as StatefulReply)[kState]
+      if (state === null || state.token === undefined) return handler.call(this, request, reply)
+      state.phase = RUNNING_CALLBACK
+      const result = handler.call(this, request, reply)
+      if (typeof (result as Promise<unknown> | undefined)?.then === 'function') {
+        state.phase = RUNNING_ASYNC
+        const ended = () => handlerEnded(state, reply)
+        ;(result as Promise<unknown>).then(ended, ended)
+      } else if (reply.sent && state.token !== undefined) {
+        // Hijacked: the handler answered on the raw response and onSend never runs.
+        state.phase = DONE
+        release(state) // never rejects: failures are logged
+      }
+      return result
+    } as RouteHandlerMethod
+  }
+
+  function handlerEnded (state: RequestState, reply: FastifyReply): void {
+    state.phase = DONE
+    // A reply that went out while the handler ran (a timeout) or a hijacked reply
+    // left the claim held until now; a normal reply is still on its way to onSend.
+    if (state.token !== undefined && (state.releaseWhenDone || reply.sent)) release(state) // never rejects: failures are logged
+  }
+
+  /** onSend, global: saves the serialized reply of the request that holds the claim, or releases it. */
+  function saveReply (_request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (err: null, payload: unknown) => void): void {
+    const state = (reply as StatefulReply)[kState]
+    if (state === null) return done(null, payload)
+    if (telemetry) {
+      reply.header('x-request-start-time', String(Math.round(performance.timeOrigin + state.startedAt)))
+      reply.header('x-request-duration-ms', (performance.now() - state.startedAt).toFixed(3))
+    }
+    if (state.token === undefined) return done(null, payload)
+    finish(state, reply, payload).then(() => done(null, payload))
+  }
+
+  async function finish (state: RequestState, reply: FastifyReply, payload: unknown): Promise<void> {
+    if (state.phase === RUNNING_CALLBACK) state.phase = DONE
+    if (state.route.storeOnStatuses.has(reply.statusCode)) {
+      const response = captureResponse(reply, payload, replayHeader)
+      if (response !== undefined) return save(state, response)
+      state.request.log.warn({ idempotencyKey: state.storeKey }, 'idempotency: the response payload cannot be saved (a stream?); the claim is released')
+    }
+    if (state.phase === RUNNING_ASYNC) {
+      state.releaseWhenDone = true
+      return
+    }
+    return release(state)
+  }
+
+  async function save (state: RequestState, response: StoredResponse): Promise<void> {
+    const token = takeClaim(state)
+    try {
+      if (!await state.route.store.complete(state.storeKey, token, response, state.route.ttl)) {
+        state.request.log.error({ idempotencyKey: state.storeKey }, 'idempotency: the claim was lost before the response could be saved (lease expired); the response was not saved')
+      }
+    } catch (err) {
+      state.request.log.error({ err, idempotencyKey: state.storeKey }, 'idempotency: the response could not be saved; the claim expires after lockTtl')
+    }
+  }
+
+  async function release (state: RequestState): Promise<void> {
+    const token = takeClaim(state)
+    try {
+      await state.route.store.release(state.storeKey, token)
+    } catch (err) {
+      state.request.log.error({ err, idempotencyKey: state.storeKey }, 'idempotency: the claim could not be released; it expires after lockTtl')
+    }
+  }
+
+  /** The claim's token; from now on this request no longer holds it. */
+  function takeClaim (state: RequestState): string {
+    const token = state.token as string
+    state.token = undefined
+    leases.drop(state)
+    return token
+  }
+
+  return { checkHeader, claimKey, trackHandler, saveReply }
+}

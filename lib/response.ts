@@ -1,0 +1,44 @@
+/**
+ * Saving a reply as it leaves (status, headers, serialized bytes) and sending
+ * a saved one again.
+ */
+import type { FastifyReply } from 'fastify'
+import type { RouteSettings } from './route-config.js'
+import type { StoredResponse } from '../types/index.js'
+
+/**
+ * Headers never saved: hop-by-hop ones, those that describe one transmission
+ * (`content-length`, `date`), cookies meant for the first client only, and
+ * the plugin's own per-response headers.
+ */
+const UNSAVED = new Set([
+  'connection', 'keep-alive', 'proxy-authenticate', 'proxy-authorization', 'proxy-connection', 'te',
+  'trailer', 'transfer-encoding', 'upgrade', 'content-length', 'date', 'set-cookie',
+  'x-request-start-time', 'x-request-duration-ms'
+])
+const EMPTY = Buffer.alloc(0)
+
+/** The reply as a storable response, or undefined when its payload cannot be saved (a stream). */
+export function captureResponse (reply: FastifyReply, payload: unknown, replayHeader: string | false): StoredResponse | undefined {
+  let body: Buffer
+  if (typeof payload === 'string') body = Buffer.from(payload)
+  else if (Buffer.isBuffer(payload)) body = payload
+  else if (payload === undefined || payload === null) body = EMPTY
+  else return undefined
+  const headers: Record<string, string | string[]> = {}
+  const sent = reply.getHeaders()
+  for (const name in sent) {
+    const value = sent[name]
+    if (value === undefined || UNSAVED.has(name) || name === replayHeader) continue
+    headers[name] = typeof value === 'number' ? String(value) : value
+  }
+  return { statusCode: reply.statusCode, headers, body }
+}
+
+/** Sends `response` again, as stored bytes: never through the route's serializer. */
+export function replayResponse (reply: FastifyReply, response: StoredResponse, route: RouteSettings, replayHeader: string | false): FastifyReply {
+  reply.code(route.conflictStatusCode ?? response.statusCode)
+  reply.headers(response.headers)
+  if (replayHeader !== false) reply.header(replayHeader, 'true')
+  return reply.send(response.body.length === 0 && response.headers['content-type'] === undefined ? undefined : response.body)
+}

@@ -1,0 +1,190 @@
+/**
+ * The public type surface of fastify-idempotency: plugin options, route
+ * config, `reply.idempotency`, the store interface, and the augmentation of
+ * Fastify's own types.
+ */
+import type { FastifyRequest } from 'fastify'
+
+/** What a route does with the idempotency header when its own config says nothing. */
+export type IdempotencyMode = 'optional' | 'required' | 'exempt'
+
+/** What a request gets when the store cannot be reached. */
+export type StoreErrorPolicy = 'fail-closed' | 'fail-open'
+
+/** A value a store may return directly or through a promise. */
+export type MaybePromise<T> = T | Promise<T>
+
+/** A response as saved by the first request and sent again on replays. */
+export interface StoredResponse {
+  statusCode: number
+  /** Lower-case header names; hop-by-hop headers, `content-length`, `date` and `set-cookie` are never saved. */
+  headers: Record<string, string | string[]>
+  /** The serialized body, byte for byte as the first request sent it (empty when there was none). */
+  body: Buffer
+}
+
+/** A claim that another request holds: its handler is still running. */
+export interface InFlightRecord {
+  state: 'in-flight'
+  fingerprint: string | undefined
+}
+
+/** A completed request whose response is replayed. */
+export interface CompletedRecord {
+  state: 'completed'
+  fingerprint: string | undefined
+  response: StoredResponse
+}
+
+export type IdempotencyRecord = InFlightRecord | CompletedRecord
+
+/**
+ * The answer of {@link IdempotencyStore.claim}: either the key was free and is
+ * now claimed with `token`, or it was not and `record` says what holds it.
+ */
+export type ClaimResult =
+  | { token: string, record?: undefined }
+  | { token?: undefined, record: IdempotencyRecord }
+
+/**
+ * A place to keep claims and responses. Every method is atomic for one key.
+ * `MemoryStore` and `RedisStore` implement it; any object with these methods
+ * can be passed as the `store` option.
+ */
+export interface IdempotencyStore {
+  /**
+   * Claims `key` for `lockTtl` ms if no live record holds it, saving
+   * `fingerprint` with the claim, and returns a fencing token; otherwise
+   * returns the existing record. One atomic step.
+   */
+  claim (key: string, fingerprint: string | undefined, lockTtl: number): MaybePromise<ClaimResult>
+  /**
+   * Saves `response` for `ttl` ms (`null`: no expiry) if `token` still holds
+   * the claim. Returns false, and saves nothing, when it does not.
+   */
+  complete (key: string, token: string, response: StoredResponse, ttl: number | null): MaybePromise<boolean>
+  /** Deletes the claim if `token` still holds it; a later request may then claim the key. */
+  release (key: string, token: string): MaybePromise<boolean>
+  /** Extends the claim to `lockTtl` ms from now if `token` still holds it. */
+  renew (key: string, token: string, lockTtl: number): MaybePromise<boolean>
+  /** Called on `onClose` for stores the plugin created itself. */
+  close? (): MaybePromise<void>
+}
+
+/** The parts a store key is built from; see the `keyEncoder` option. */
+export interface KeyParts {
+  /** What `scope` returned for the request, if anything. */
+  scope: string | undefined
+  method: string
+  /** The request path without its query string (the query string is part of the fingerprint). */
+  path: string
+  /** The client's key, as validated. */
+  key: string
+}
+
+export type ScopeFunction = (request: FastifyRequest) => string | undefined
+export type FingerprintFunction = (request: FastifyRequest) => string
+export type KeyEncoder = (parts: KeyParts) => string
+
+/** How the client's key is validated. */
+export interface KeyValidationOptions {
+  /** Longest key accepted, in characters. Default 255. */
+  maxLength?: number
+  /** The key must match this pattern. */
+  pattern?: RegExp
+  /** The key must be a UUID (any version). Default false. */
+  uuid?: boolean
+}
+
+/** What a duplicate gets while the original request is still running. */
+export interface InFlightOptions {
+  /** How long a duplicate waits for the original to finish, in ms. Default 0 (answer at once). */
+  wait?: number
+  /** The status sent when the original is still running: 409 (default) or 423. */
+  statusCode?: 409 | 423
+}
+
+/** Options of `app.register(fastifyIdempotency, options)`. All are optional. */
+export interface FastifyIdempotencyOptions {
+  /** The request header that carries the key (case-insensitive). Default `'idempotency-key'`. */
+  header?: string
+  /** The only methods ever handled. Default `['POST', 'PUT', 'PATCH', 'DELETE']`. */
+  methods?: string[]
+  /** The behaviour of routes whose config says nothing. Default `'optional'`. */
+  mode?: IdempotencyMode
+  /**
+   * Limits `mode` to routes matching one of these patterns:
+   * `'POST /api/payments/'`, `'/api/orders/'` or `'* /api/critical/'`.
+   * Default: every route.
+   */
+  endpoints?: string[]
+  /** How long a completed response is replayed, in ms; `null` never expires. Default 24 h. */
+  ttl?: number | null
+  /** How long an in-flight claim lives if its process dies, in ms. Default 60 s. */
+  lockTtl?: number
+  inFlight?: InFlightOptions
+  /** Only responses with these status codes are saved. Default 200–207. */
+  storeOnStatuses?: number[]
+  /** The status sent on replays; `null` sends the original status. Default `null`. */
+  conflictStatusCode?: number | null
+  /** Header added (value `true`) to replayed responses; `false` adds none. Default `'idempotent-replayed'`. */
+  replayHeader?: string | false
+  /** Payload fingerprinting: `true` (default), `false`, or a function that returns the fingerprint. */
+  fingerprint?: boolean | FingerprintFunction
+  /** Isolates keys per principal, e.g. `(request) => request.user?.id`. */
+  scope?: ScopeFunction
+  key?: KeyValidationOptions
+  /** Builds the store key. Default: a SHA-256 of the parts, with a fixed prefix. */
+  keyEncoder?: KeyEncoder
+  /** Adds `x-request-start-time` and `x-request-duration-ms` to covered responses. Default false. */
+  telemetry?: boolean
+  /** `'memory'` (default), or any {@link IdempotencyStore}. */
+  store?: 'memory' | IdempotencyStore
+  /** What happens when the store fails. Default `'fail-closed'` (503). */
+  onStoreError?: StoreErrorPolicy
+}
+
+/** Per-route options, in `config.idempotency`. Given fields override the plugin options. */
+export interface IdempotencyRouteOptions {
+  /** A missing key is rejected with 400. Default: true when the plugin `mode` is `'required'`. */
+  required?: boolean
+  /** The handler runs for duplicates of completed requests and reads `reply.idempotency`. Default false. */
+  manual?: boolean
+  ttl?: number | null
+  storeOnStatuses?: number[]
+  conflictStatusCode?: number | null
+  fingerprint?: boolean | FingerprintFunction
+  scope?: ScopeFunction
+  onStoreError?: StoreErrorPolicy
+}
+
+/** `reply.idempotency`: what the plugin knows about the current request. */
+export interface IdempotencyReplyState {
+  /** The client's key, when it sent a valid one. */
+  readonly key: string | undefined
+  /** A completed request with this key was found (manual routes run their handler for it). */
+  readonly exists: boolean
+  /** This reply is a replay of a saved response. */
+  readonly replayed: boolean
+  /** The saved response, when `exists`. */
+  readonly response: StoredResponse | undefined
+}
+
+/** `fastify.idempotency` */
+export interface IdempotencyDecorator {
+  /** The store the plugin uses. */
+  readonly store: IdempotencyStore
+}
+
+declare module 'fastify' {
+  interface FastifyContextConfig {
+    /** `false`: exempt; `true`: required; an object enables the route and overrides plugin options. */
+    idempotency?: boolean | IdempotencyRouteOptions
+  }
+  interface FastifyReply {
+    readonly idempotency: IdempotencyReplyState
+  }
+  interface FastifyInstance {
+    readonly idempotency: IdempotencyDecorator
+  }
+}
