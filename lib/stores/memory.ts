@@ -28,16 +28,27 @@ const COMPLETED = 'completed'
 
 class Entry {
   state: typeof IN_FLIGHT | typeof COMPLETED = IN_FLIGHT
-  response: StoredResponse | undefined = undefined
-  /** The claim result for duplicates, made once per record rather than once per hit. */
-  readonly asClaimResult: ClaimResult
+  /**
+   * The claim result for duplicates, made once per state change rather than
+   * once per hit. It holds a plain record: never the entry, whose token would
+   * let a duplicate complete or release the owner's claim.
+   */
+  asClaimResult: ClaimResult
 
   constructor (
     readonly fingerprint: string | undefined,
     readonly token: string,
     public expiresAt: number
   ) {
-    this.asClaimResult = { record: this as unknown as InFlightRecord | CompletedRecord }
+    const record: InFlightRecord = { state: IN_FLIGHT, fingerprint }
+    this.asClaimResult = { record }
+  }
+
+  completeWith (response: StoredResponse, expiresAt: number): void {
+    const record: CompletedRecord = { state: COMPLETED, fingerprint: this.fingerprint, response }
+    this.state = COMPLETED
+    this.asClaimResult = { record }
+    this.expiresAt = expiresAt
   }
 }
 
@@ -83,9 +94,7 @@ export class MemoryStore implements IdempotencyStore {
     const now = this.now()
     const entry = this.claimed(key, token, now)
     if (entry === undefined) return false
-    entry.state = COMPLETED
-    entry.response = response
-    entry.expiresAt = ttl === null ? Infinity : now + ttl
+    entry.completeWith(response, ttl === null ? Infinity : now + ttl)
     return true
   }
 
