@@ -9,19 +9,17 @@ import { InvalidRouteConfigError } from './errors.js'
 import { check, resolveFingerprint, shared, type PluginSettings } from './options.js'
 import type { FingerprintFunction, IdempotencyRouteOptions, IdempotencyStore, ScopeFunction, StoreErrorPolicy } from '../types/index.js'
 
-const routeSchema = Type.Union([
-  Type.Boolean(),
-  Type.Partial(Type.Object({
-    required: Type.Boolean(),
-    manual: Type.Boolean(),
-    ttl: shared.ttl,
-    storeOnStatuses: shared.storeOnStatuses,
-    conflictStatusCode: shared.conflictStatusCode,
-    fingerprint: shared.fingerprint,
-    scope: shared.scope,
-    onStoreError: shared.onStoreError
-  }), { additionalProperties: false })
-], { errorMessage: 'must be true, false or an object of route options' })
+const routeObjectSchema = Type.Partial(Type.Object({
+  required: Type.Boolean(),
+  manual: Type.Boolean(),
+  ttl: shared.ttl,
+  storeOnStatuses: shared.storeOnStatuses,
+  conflictStatusCode: shared.conflictStatusCode,
+  fingerprint: shared.fingerprint,
+  scope: shared.scope,
+  onStoreError: shared.onStoreError
+}), { additionalProperties: false })
+const routeSchema = Type.Union([Type.Boolean(), routeObjectSchema], { errorMessage: 'must be true, false or an object of route options' })
 
 /** Everything the request hooks of one route need, plugin options and route overrides merged. */
 export interface RouteSettings {
@@ -44,8 +42,13 @@ export function resolveRoute (route: RouteOptions, plugin: PluginSettings, store
   if (config === false) return undefined
   const routeMethods = (Array.isArray(route.method) ? route.method : [route.method]).map((m) => m.toUpperCase())
   const name = `${routeMethods.join(',')} ${route.url}`
-  check(routeSchema, config ?? true, (path, message) => new InvalidRouteConfigError(name, path || 'config.idempotency', message))
   const explicit = config !== undefined
+  if (explicit) {
+    // An object is checked against the object schema itself, so the error names the bad field, not the union.
+    const schema = typeof config === 'object' && config !== null && !Array.isArray(config) ? routeObjectSchema : routeSchema
+    check(schema, config, (path, message) =>
+      new InvalidRouteConfigError(name, path === '(options)' ? 'config.idempotency' : path, message))
+  }
   if (!explicit && plugin.mode === 'exempt') return undefined
 
   const matches = plugin.endpoints.filter((e) => route.url.startsWith(e.prefix))
