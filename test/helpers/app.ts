@@ -1,0 +1,96 @@
+/**
+ * Shared fixtures for the behaviour tests: an app with the plugin registered
+ * and closed at teardown, a log capture, and stores that fail on demand.
+ */
+import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify'
+import fastifyIdempotency, { MemoryStore } from '../../index.js'
+import type { FastifyIdempotencyOptions, IdempotencyStore } from '../../index.js'
+
+/** The subset of a tap Test that the helpers need. */
+export interface Teardown {
+  teardown (fn: () => unknown): void
+}
+
+export interface LogLine {
+  level: number
+  msg: string
+  err?: { message: string }
+  idempotencyKey?: string
+  [field: string]: unknown
+}
+
+/** A Fastify app with the plugin registered (not yet ready), closed when the test ends. */
+export async function build (t: Teardown, options: FastifyIdempotencyOptions = {}, server: FastifyServerOptions = {}): Promise<FastifyInstance> {
+  const app = Fastify(server)
+  t.teardown(() => app.close())
+  await app.register(fastifyIdempotency, options)
+  return app
+}
+
+/** Fastify server options whose logger writes parsed lines into `lines`. */
+export function capturingLogger (lines: LogLine[], level = 'info'): FastifyServerOptions {
+  return {
+    logger: {
+      level,
+      stream: { write (line: string) { lines.push(JSON.parse(line) as LogLine) } }
+    }
+  }
+}
+
+export const WARN = 40
+export const ERROR = 50
+
+/** Resolves after `ms` ms. */
+export function sleep (ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms))
+}
+
+/** A promise with its resolve function, to hold a handler until the test lets it go. */
+export function gate (): { promise: Promise<void>, open: () => void } {
+  let open!: () => void
+  const promise = new Promise<void>((resolve) => { open = resolve })
+  return { promise, open }
+}
+
+/** Resolves once `check` returns true, looking every few ms (at most `tries` times). */
+export async function until (check: () => boolean, tries = 400): Promise<void> {
+  for (let i = 0; i < tries && !check(); i++) await sleep(5)
+}
+
+/**
+ * A MemoryStore whose methods can be made to throw, and which counts calls.
+ * `failing.claim = true` makes the next claims throw, and so on.
+ */
+export class FlakyStore implements IdempotencyStore {
+  readonly inner = new MemoryStore()
+  readonly failing = { claim: false, complete: false, release: false, renew: false }
+  readonly calls = { claim: 0, complete: 0, release: 0, renew: 0 }
+
+  claim (key: string, fingerprint: string | undefined, lockTtl: number) {
+    this.calls.claim++
+    if (this.failing.claim) throw new Error('store down (claim)')
+    return this.inner.claim(key, fingerprint, lockTtl)
+  }
+
+  async complete (...args: Parameters<MemoryStore['complete']>) {
+    this.calls.complete++
+    if (this.failing.complete) throw new Error('store down (complete)')
+    return this.inner.complete(...args)
+  }
+
+  async release (key: string, token: string) {
+    this.calls.release++
+    if (this.failing.release) throw new Error('store down (release)')
+    return this.inner.release(key, token)
+  }
+
+  async renew (key: string, token: string, lockTtl: number) {
+    this.calls.renew++
+    if (this.failing.renew) throw new Error('store down (renew)')
+    return this.inner.renew(key, token, lockTtl)
+  }
+
+  close () {
+    this.inner.close()
+  }
+}

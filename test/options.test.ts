@@ -1,0 +1,191 @@
+/**
+ * Plugin options: every invalid value is refused at registration with a coded
+ * error naming the option, and every default is what the spec says.
+ */
+import { test } from 'tap'
+import Fastify from 'fastify'
+import fastifyIdempotency, { MemoryStore } from '../index.js'
+import type { FastifyIdempotencyOptions, StoredResponse } from '../index.js'
+import { build, capturingLogger, ERROR, gate, until, type LogLine } from './helpers/app.js'
+
+const HOUR = 60 * 60 * 1000
+
+test('invalid options are refused at registration, naming the option', async (t) => {
+  const cases: Array<[unknown, string, string]> = [
+    [{ header: 'bad header' }, 'header', 'must be a valid HTTP header name'],
+    [{ header: 42 }, 'header', 'must be a valid HTTP header name'],
+    [{ methods: [] }, 'methods', 'must be a non-empty array of HTTP methods'],
+    [{ methods: 'POST' }, 'methods', 'must be a non-empty array of HTTP methods'],
+    [{ methods: ['POST', 'FOO'] }, 'methods.1', '"FOO" is not an HTTP method'],
+    [{ methods: [1] }, 'methods.0', 'Expected string'],
+    [{ mode: 'sometimes' }, 'mode', 'must be \'optional\', \'required\' or \'exempt\''],
+    [{ endpoints: '/api/' }, 'endpoints', 'must be an array of strings'],
+    [{ endpoints: ['/ok/', 'api/'] }, 'endpoints.1', '"api/" must be "/prefix", "METHOD /prefix" or "* /prefix"'],
+    [{ endpoints: ['POST GET /x'] }, 'endpoints.0', '"POST GET /x" must be "/prefix", "METHOD /prefix" or "* /prefix"'],
+    [{ endpoints: ['FOO /x'] }, 'endpoints.0', '"FOO" is not an HTTP method'],
+    [{ endpoints: ['POST x'] }, 'endpoints.0', 'must be "/prefix"'],
+    [{ ttl: 0 }, 'ttl', 'must be a positive integer (ms) or null'],
+    [{ ttl: -1 }, 'ttl', 'must be a positive integer (ms) or null'],
+    [{ ttl: 1.5 }, 'ttl', 'must be a positive integer (ms) or null'],
+    [{ ttl: '1000' }, 'ttl', 'must be a positive integer (ms) or null'],
+    [{ lockTtl: 2 }, 'lockTtl', 'must be an integer of at least 3 (ms)'],
+    [{ lockTtl: null }, 'lockTtl', 'must be an integer of at least 3 (ms)'],
+    [{ inFlight: 'wait' }, 'inFlight', 'Expected object'],
+    [{ inFlight: { wait: -1 } }, 'inFlight.wait', 'must be an integer of at least 0 (ms)'],
+    [{ inFlight: { wait: 1.5 } }, 'inFlight.wait', 'must be an integer of at least 0 (ms)'],
+    [{ inFlight: { statusCode: 500 } }, 'inFlight.statusCode', 'must be 409 or 423'],
+    [{ inFlight: { statusCode: 429 } }, 'inFlight.statusCode', 'must be 409 or 423'],
+    [{ inFlight: { retry: 1 } }, 'inFlight.retry', 'unknown option'],
+    [{ storeOnStatuses: [] }, 'storeOnStatuses', 'must be a non-empty array of HTTP status codes'],
+    [{ storeOnStatuses: [200, 99] }, 'storeOnStatuses.1', 'Expected integer to be greater or equal to 100'],
+    [{ storeOnStatuses: [600] }, 'storeOnStatuses.0', 'Expected integer to be less or equal to 599'],
+    [{ conflictStatusCode: 199 }, 'conflictStatusCode', 'must be an HTTP status code from 200 to 599, or null'],
+    [{ conflictStatusCode: 600 }, 'conflictStatusCode', 'must be an HTTP status code from 200 to 599, or null'],
+    [{ conflictStatusCode: '409' }, 'conflictStatusCode', 'must be an HTTP status code from 200 to 599, or null'],
+    [{ replayHeader: true }, 'replayHeader', 'must be a valid HTTP header name or false'],
+    [{ replayHeader: 'x replayed' }, 'replayHeader', 'must be a valid HTTP header name or false'],
+    [{ fingerprint: 'sha256' }, 'fingerprint', 'must be a boolean or a function (request) => string'],
+    [{ scope: 'user' }, 'scope', 'must be a function (request) => string | undefined'],
+    [{ key: 5 }, 'key', 'Expected object'],
+    [{ key: { maxLength: 0 } }, 'key.maxLength', 'must be an integer from 1 to 8192'],
+    [{ key: { maxLength: 8193 } }, 'key.maxLength', 'must be an integer from 1 to 8192'],
+    [{ key: { pattern: '^[a-z]+$' } }, 'key.pattern', 'must be a RegExp'],
+    [{ key: { uuid: 'yes' } }, 'key.uuid', 'Expected boolean'],
+    [{ key: { minLength: 3 } }, 'key.minLength', 'unknown option'],
+    [{ keyEncoder: 'sha256' }, 'keyEncoder', 'must be a function (parts) => string'],
+    [{ telemetry: 'yes' }, 'telemetry', 'Expected boolean'],
+    [{ store: 'disk' }, 'store', 'must be \'memory\' or an object with claim, complete, release and renew methods'],
+    [{ store: { claim () {}, complete () {}, release () {} } }, 'store', 'must be \'memory\' or an object with claim, complete, release and renew methods'],
+    [{ onStoreError: 'ignore' }, 'onStoreError', 'must be \'fail-closed\' or \'fail-open\''],
+    [{ headr: 'idempotency-key' }, 'headr', 'unknown option']
+  ]
+  for (const [options, path, message] of cases) {
+    const app = Fastify()
+    t.teardown(() => app.close())
+    await t.rejects(async () => { await app.register(fastifyIdempotency, options as FastifyIdempotencyOptions) }, {
+      code: 'FST_IDEMPOTENCY_INVALID_OPTION',
+      message: new RegExp(`^fastify-idempotency: invalid option "${path.replaceAll('.', '\\.')}": .*${escape(message)}`)
+    }, JSON.stringify(options))
+  }
+})
+
+function escape (text: string): string {
+  return text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')
+}
+
+test('a valid option set with every field is accepted', async (t) => {
+  const app = await build(t, {
+    header: 'X-Idempotency-Key',
+    methods: ['post', 'Put'],
+    mode: 'required',
+    endpoints: ['/api/', 'post /pay/', '* /critical/'],
+    ttl: null,
+    lockTtl: 3,
+    inFlight: { wait: 0, statusCode: 423 },
+    storeOnStatuses: [200],
+    conflictStatusCode: 409,
+    replayHeader: false,
+    fingerprint: false,
+    scope: () => undefined,
+    key: { maxLength: 8192, pattern: /./, uuid: false },
+    keyEncoder: (parts) => parts.key,
+    telemetry: true,
+    store: new MemoryStore(),
+    onStoreError: 'fail-open'
+  })
+  await t.resolves(async () => { await app.ready() })
+})
+
+/** A store that records what the plugin asks of it. */
+class RecordingStore extends MemoryStore {
+  claims: Array<{ key: string, fingerprint: string | undefined, lockTtl: number }> = []
+  completes: Array<{ ttl: number | null, response: StoredResponse }> = []
+
+  claim (key: string, fingerprint: string | undefined, lockTtl: number) {
+    this.claims.push({ key, fingerprint, lockTtl })
+    return super.claim(key, fingerprint, lockTtl)
+  }
+
+  complete (key: string, token: string, response: StoredResponse, ttl: number | null) {
+    this.completes.push({ ttl, response })
+    return super.complete(key, token, response, ttl)
+  }
+}
+
+test('defaults: ttl 24 h and lockTtl 60 s are what the store is asked for', async (t) => {
+  const store = new RecordingStore()
+  t.teardown(() => store.close())
+  const app = await build(t, { store })
+  app.post('/', async () => ({ ok: true }))
+  const res = await app.inject({ method: 'POST', url: '/', headers: { 'idempotency-key': 'k' } })
+  t.equal(res.statusCode, 200)
+  t.equal(store.claims.length, 1)
+  t.equal(store.claims[0].lockTtl, 60_000)
+  t.match(store.claims[0].key, /^idem:[A-Za-z0-9_-]{43}$/, 'default key encoder: prefix + SHA-256')
+  t.type(store.claims[0].fingerprint, 'string', 'fingerprint on by default')
+  t.equal(store.completes.length, 1)
+  t.equal(store.completes[0].ttl, 24 * HOUR)
+})
+
+test('default ttl: a response is replayed until 24 h have passed, then the handler runs again', async (t) => {
+  let now = 1_000_000
+  const store = new MemoryStore({ now: () => now })
+  t.teardown(() => store.close())
+  const app = await build(t, { store })
+  let runs = 0
+  app.post('/', async () => ({ run: ++runs }))
+  const send = () => app.inject({ method: 'POST', url: '/', headers: { 'idempotency-key': 'k' } })
+  t.same((await send()).json(), { run: 1 })
+  now += 24 * HOUR - 1
+  const replay = await send()
+  t.same(replay.json(), { run: 1 })
+  t.equal(replay.headers['idempotent-replayed'], 'true')
+  now += 1
+  t.same((await send()).json(), { run: 2 })
+  t.equal(runs, 2)
+})
+
+test('ttl: a custom ttl bounds the replay; null never expires', async (t) => {
+  for (const [ttl, after, expectRuns] of [[1000, 999, 1], [1000, 1000, 2], [null, 1e12, 1]] as const) {
+    let now = 0
+    const store = new MemoryStore({ now: () => now })
+    t.teardown(() => store.close())
+    const app = await build(t, { store, ttl })
+    let runs = 0
+    app.post('/', async () => ({ run: ++runs }))
+    await app.inject({ method: 'POST', url: '/', headers: { 'idempotency-key': 'k' } })
+    now += after
+    await app.inject({ method: 'POST', url: '/', headers: { 'idempotency-key': 'k' } })
+    t.equal(runs, expectRuns, `ttl ${ttl}, second request after ${after} ms`)
+  }
+})
+
+test('default lockTtl: the claim of a handler that stops renewing frees the key after 60 s', async (t) => {
+  let now = 0
+  const store = new MemoryStore({ now: () => now })
+  t.teardown(() => store.close())
+  const lines: LogLine[] = []
+  const app = await build(t, { store }, capturingLogger(lines))
+  let runs = 0
+  const first = gate()
+  app.post('/', async () => {
+    const run = ++runs
+    if (run === 1) await first.promise
+    return { run }
+  })
+  const send = () => app.inject({ method: 'POST', url: '/', headers: { 'idempotency-key': 'k' } })
+  const original = send()
+  await until(() => runs === 1)
+  // Lease renewal runs every lockTtl / 3 of real time (20 s), so within this test the claim is never renewed.
+  now += 60_000 - 1
+  t.equal((await send()).statusCode, 409, 'claim still held just before lockTtl')
+  now += 1
+  const takeover = await send()
+  t.equal(takeover.statusCode, 200, 'claim expired after lockTtl: a duplicate claims the key')
+  t.same(takeover.json(), { run: 2 })
+  first.open()
+  t.same((await original).json(), { run: 1 })
+  t.equal(runs, 2)
+  t.ok(lines.some((l) => l.level === ERROR && /claim was lost/.test(l.msg)), 'the late original logs that its response was not saved')
+  t.same((await send()).json(), { run: 2 }, 'the stored response is the one of the request that held the claim')
+})
