@@ -1,0 +1,199 @@
+/**
+ * The shared store: Redis or Redis Cluster, through an ioredis client that the
+ * application owns (usually the one `@fastify/redis` decorates).
+ *
+ * Data layout: one hash per record, at `${prefix}{${key}}` (the braces are a
+ * Cluster hash tag: whatever a record ever needs lives in one slot).
+ *
+ *   s  'i' (in flight) or 'c' (completed)
+ *   t  the fencing token of the claim (in flight only; deleted on completion)
+ *   f  the request fingerprint (absent when there is none)
+ *   c  status code, h  headers as JSON, b  body bytes (completed only)
+ *
+ * The key expires in Redis itself: `PEXPIRE lockTtl` while in flight,
+ * `PEXPIRE ttl` (or `PERSIST` for ttl null) once completed. No sweeper.
+ *
+ * Every state change is one Lua script, so there is no read-then-write race:
+ * claim-or-get answers a replay in one round trip, and complete, release and
+ * renew act only while the caller's token still holds the claim (a stale owner
+ * whose lease expired, and whose key was claimed again, is refused). ioredis
+ * `defineCommand` sends a script's source once per connection, then its SHA.
+ *
+ * Script replies are integers and arrays of bulk strings only (never nil,
+ * booleans or maps), which RESP2 and RESP3 encode alike, so replies parse the
+ * same whatever protocol the client speaks.
+ */
+import { createHash, randomBytes } from 'node:crypto'
+import createError from '@fastify/error'
+import type { Cluster, Redis } from 'ioredis'
+import type { ClaimResult, IdempotencyStore, StoredResponse } from '../../types/index.js'
+
+export interface RedisStoreOptions {
+  /** An ioredis client or Cluster; the application owns it (`close()` leaves it connected). */
+  client: Redis | Cluster
+  /** Prepended to every key. Default `'idempotency:'`. */
+  prefix?: string
+  /** How long any store call waits for Redis before it fails with `FST_IDEMPOTENCY_STORE_TIMEOUT`, in ms. Default 2000. */
+  timeout?: number
+}
+
+/**
+ * Redis did not answer in time. ioredis queues commands while it reconnects,
+ * so without this bound a dead Redis would hold requests for as long as it
+ * keeps retrying.
+ */
+export const StoreTimeoutError = createError(
+  'FST_IDEMPOTENCY_STORE_TIMEOUT',
+  'The idempotency store did not answer within %d ms'
+)
+
+/**
+ * KEYS[1] record; ARGV token, lockTtl[, fingerprint].
+ * Reply: {0} claimed; {1, hasFingerprint, fingerprint} in flight;
+ * {2, hasFingerprint, fingerprint, statusCode, headers, body} completed.
+ */
+const CLAIM = `
+local r = redis.call('HMGET', KEYS[1], 's', 'f', 'c', 'h', 'b')
+if not r[1] then
+  if ARGV[3] then
+    redis.call('HSET', KEYS[1], 's', 'i', 't', ARGV[1], 'f', ARGV[3])
+  else
+    redis.call('HSET', KEYS[1], 's', 'i', 't', ARGV[1])
+  end
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {0}
+end
+local hasFingerprint = 0
+if r[2] then hasFingerprint = 1 end
+if r[1] == 'i' then return {1, hasFingerprint, r[2] or ''} end
+return {2, hasFingerprint, r[2] or '', tonumber(r[3]), r[4], r[5]}
+`
+
+/** KEYS[1] record; ARGV token, statusCode, headers, body, ttl ('' = no expiry). Reply 1 saved, 0 refused. */
+const COMPLETE = `
+if redis.call('HGET', KEYS[1], 't') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 's', 'c', 'c', ARGV[2], 'h', ARGV[3], 'b', ARGV[4])
+redis.call('HDEL', KEYS[1], 't')
+if ARGV[5] == '' then
+  redis.call('PERSIST', KEYS[1])
+else
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+end
+return 1
+`
+
+/** KEYS[1] record; ARGV token. Reply 1 released, 0 refused. */
+const RELEASE = `
+if redis.call('HGET', KEYS[1], 't') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+`
+
+/** KEYS[1] record; ARGV token, lockTtl. Reply 1 renewed, 0 refused. */
+const RENEW = `
+if redis.call('HGET', KEYS[1], 't') ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+`
+
+/**
+ * Command names carry the script's SHA: several stores sharing one client
+ * define each script once, and two versions of this module never call each
+ * other's script.
+ */
+function commandName (name: string, lua: string): string {
+  return `idempotency_${name}_${createHash('sha1').update(lua).digest('hex').slice(0, 12)}`
+}
+
+const COMMANDS = {
+  claim: commandName('claim', CLAIM),
+  complete: commandName('complete', COMPLETE),
+  release: commandName('release', RELEASE),
+  renew: commandName('renew', RENEW)
+}
+
+type ClaimReply = [0] | [1, number, Buffer] | [2, number, Buffer, number, Buffer, Buffer]
+
+/** The scripted commands, as `defineCommand` adds them to a client. */
+interface ScriptedClient {
+  [name: string]: (key: string, ...args: Array<string | Buffer>) => Promise<unknown>
+}
+
+/** Unique across processes: a random per-process part and a counter. */
+const PROCESS_ID = randomBytes(12).toString('base64url')
+let sequence = 0
+
+export class RedisStore implements IdempotencyStore {
+  readonly prefix: string
+  readonly timeout: number
+  private readonly client: ScriptedClient
+  private readonly claimCommand: string
+
+  constructor (options: RedisStoreOptions) {
+    const { client, prefix = 'idempotency:', timeout = 2000 } = options ?? {}
+    if (typeof client?.defineCommand !== 'function') {
+      throw new TypeError('RedisStore: client must be an ioredis Redis or Cluster client')
+    }
+    if (typeof prefix !== 'string') throw new TypeError('RedisStore: prefix must be a string')
+    if (!Number.isInteger(timeout) || timeout < 1) throw new TypeError('RedisStore: timeout must be a positive integer (ms)')
+    for (const [name, lua] of [[COMMANDS.claim, CLAIM], [COMMANDS.complete, COMPLETE], [COMMANDS.release, RELEASE], [COMMANDS.renew, RENEW]]) {
+      if (!(name in client)) client.defineCommand(name, { numberOfKeys: 1, lua })
+    }
+    this.client = client as unknown as ScriptedClient
+    this.claimCommand = COMMANDS.claim + 'Buffer' // bulk replies as Buffers: bodies are bytes
+    this.prefix = prefix
+    this.timeout = timeout
+  }
+
+  /** The Redis key of the record for `key`. */
+  redisKey (key: string): string {
+    return `${this.prefix}{${key}}`
+  }
+
+  async claim (key: string, fingerprint: string | undefined, lockTtl: number): Promise<ClaimResult> {
+    const token = `${PROCESS_ID}.${(++sequence).toString(36)}`
+    const args = [token, String(lockTtl)]
+    if (fingerprint !== undefined) args.push(fingerprint)
+    const reply = await this.call(this.claimCommand, key, args) as ClaimReply
+    if (reply[0] === 0) return { token }
+    const fp = reply[1] === 1 ? reply[2].toString() : undefined
+    if (reply[0] === 1) return { record: { state: 'in-flight', fingerprint: fp } }
+    return {
+      record: {
+        state: 'completed',
+        fingerprint: fp,
+        response: { statusCode: reply[3], headers: JSON.parse(reply[4].toString()), body: reply[5] }
+      }
+    }
+  }
+
+  async complete (key: string, token: string, response: StoredResponse, ttl: number | null): Promise<boolean> {
+    const args = [token, String(response.statusCode), JSON.stringify(response.headers), response.body, ttl === null ? '' : String(ttl)]
+    return await this.call(COMMANDS.complete, key, args) === 1
+  }
+
+  async release (key: string, token: string): Promise<boolean> {
+    return await this.call(COMMANDS.release, key, [token]) === 1
+  }
+
+  async renew (key: string, token: string, lockTtl: number): Promise<boolean> {
+    return await this.call(COMMANDS.renew, key, [token, String(lockTtl)]) === 1
+  }
+
+  /** Leaves the client connected: it belongs to the application (or `@fastify/redis`). */
+  close (): void {}
+
+  /** Runs one script, failing with `FST_IDEMPOTENCY_STORE_TIMEOUT` if Redis does not answer in time. */
+  private call (command: string, key: string, args: Array<string | Buffer>): Promise<unknown> {
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => reject(new StoreTimeoutError(this.timeout)), this.timeout)
+      this.client[command](this.redisKey(key), ...args).then((reply) => {
+        clearTimeout(timer)
+        resolve(reply)
+      }, (err: unknown) => {
+        clearTimeout(timer)
+        reject(err)
+      })
+    })
+  }
+}
