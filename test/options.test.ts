@@ -5,8 +5,8 @@
 import { test } from 'tap'
 import Fastify from 'fastify'
 import fastifyIdempotency, { MemoryStore } from '../index.js'
-import type { FastifyIdempotencyOptions, StoredResponse } from '../index.js'
-import { build, capturingLogger, ERROR, gate, until, type LogLine } from './helpers/app.js'
+import type { FastifyIdempotencyOptions } from '../index.js'
+import { build, capturingLogger, ERROR, FlakyStore, gate, RecordingStore, until, type LogLine } from './helpers/app.js'
 
 const HOUR = 60 * 60 * 1000
 
@@ -96,22 +96,6 @@ test('a valid option set with every field is accepted', async (t) => {
   await t.resolves(async () => { await app.ready() })
 })
 
-/** A store that records what the plugin asks of it. */
-class RecordingStore extends MemoryStore {
-  claims: Array<{ key: string, fingerprint: string | undefined, lockTtl: number }> = []
-  completes: Array<{ ttl: number | null, response: StoredResponse }> = []
-
-  claim (key: string, fingerprint: string | undefined, lockTtl: number) {
-    this.claims.push({ key, fingerprint, lockTtl })
-    return super.claim(key, fingerprint, lockTtl)
-  }
-
-  complete (key: string, token: string, response: StoredResponse, ttl: number | null) {
-    this.completes.push({ ttl, response })
-    return super.complete(key, token, response, ttl)
-  }
-}
-
 test('defaults: ttl 24 h and lockTtl 60 s are what the store is asked for', async (t) => {
   const store = new RecordingStore()
   t.teardown(() => store.close())
@@ -188,4 +172,64 @@ test('default lockTtl: the claim of a handler that stops renewing frees the key 
   t.equal(runs, 2)
   t.ok(lines.some((l) => l.level === ERROR && /claim was lost/.test(l.msg)), 'the late original logs that its response was not saved')
   t.same((await send()).json(), { run: 2 }, 'the stored response is the one of the request that held the claim')
+})
+
+test('defaults: methods, mode, header, statuses, replay header, key length, telemetry, store and store errors', async (t) => {
+  const app = await build(t)
+  let runs = 0
+  app.route({
+    method: ['GET', 'POST', 'PUT', 'PATCH', 'DELETE'],
+    url: '/:status',
+    handler: async (request, reply) => {
+      reply.code(Number((request.params as { status: string }).status))
+      return { run: ++runs }
+    }
+  })
+  const send = (method: 'GET' | 'POST' | 'PUT' | 'PATCH' | 'DELETE', status: number, key: string | undefined) =>
+    app.inject({ method, url: `/${status}`, headers: key === undefined ? {} : { 'Idempotency-Key': key } })
+
+  for (const method of ['POST', 'PUT', 'PATCH', 'DELETE'] as const) {
+    const first = await send(method, 201, method)
+    const replay = await send(method, 201, method)
+    t.equal(replay.statusCode, 201, `${method}: replayed with the original status (conflictStatusCode null)`)
+    t.equal(replay.body, first.body)
+    t.equal(replay.headers['idempotent-replayed'], 'true', `${method}: replay header`)
+    t.equal(first.headers['idempotent-replayed'], undefined, 'not on the first response')
+    t.equal(first.headers['x-request-start-time'], undefined, 'telemetry off')
+    t.equal(first.headers['x-request-duration-ms'], undefined, 'telemetry off')
+  }
+  t.equal(runs, 4)
+
+  await send('GET', 200, 'g')
+  const get = await send('GET', 200, 'g')
+  t.equal(get.headers['idempotent-replayed'], undefined, 'GET is not handled')
+  t.equal(runs, 6)
+
+  await send('POST', 200, undefined)
+  await send('POST', 200, undefined)
+  t.equal(runs, 8, 'mode optional: no key, no idempotency')
+
+  await send('POST', 207, 's207')
+  t.equal((await send('POST', 207, 's207')).headers['idempotent-replayed'], 'true', '207 is stored')
+  await send('POST', 208, 's208')
+  t.equal((await send('POST', 208, 's208')).headers['idempotent-replayed'], undefined, '208 is not stored')
+  t.equal(runs, 11)
+
+  t.equal((await send('POST', 200, 'x'.repeat(255))).statusCode, 200, 'key.maxLength 255')
+  t.equal((await send('POST', 200, 'x'.repeat(256))).statusCode, 400)
+  t.equal((await send('POST', 200, 'not-a-uuid-nor-anything')).statusCode, 200, 'no uuid or pattern rule by default')
+
+  t.ok(app.idempotency.store instanceof MemoryStore, 'store: memory')
+})
+
+test('default onStoreError is fail-closed', async (t) => {
+  const store = new FlakyStore()
+  t.teardown(() => store.close())
+  store.failing.claim = true
+  const app = await build(t, { store })
+  let runs = 0
+  app.post('/', async () => ({ run: ++runs }))
+  const res = await app.inject({ method: 'POST', url: '/', headers: { 'idempotency-key': 'k' } })
+  t.equal(res.statusCode, 503)
+  t.equal(runs, 0)
 })

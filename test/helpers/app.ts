@@ -4,7 +4,7 @@
  */
 import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify'
 import fastifyIdempotency, { MemoryStore } from '../../index.js'
-import type { FastifyIdempotencyOptions, IdempotencyStore } from '../../index.js'
+import type { FastifyIdempotencyOptions, IdempotencyStore, StoredResponse } from '../../index.js'
 
 /** The subset of a tap Test that the helpers need. */
 export interface Teardown {
@@ -92,5 +92,27 @@ export class FlakyStore implements IdempotencyStore {
 
   close () {
     this.inner.close()
+  }
+}
+
+/** A MemoryStore that records what the plugin asks of it. */
+export class RecordingStore extends MemoryStore {
+  claims: Array<{ key: string, fingerprint: string | undefined, lockTtl: number }> = []
+  completes: Array<{ key: string, ttl: number | null, response: StoredResponse }> = []
+  releases: string[] = []
+
+  claim (key: string, fingerprint: string | undefined, lockTtl: number) {
+    this.claims.push({ key, fingerprint, lockTtl })
+    return super.claim(key, fingerprint, lockTtl)
+  }
+
+  complete (key: string, token: string, response: StoredResponse, ttl: number | null) {
+    this.completes.push({ key, ttl, response })
+    return super.complete(key, token, response, ttl)
+  }
+
+  release (key: string, token: string) {
+    this.releases.push(key)
+    return super.release(key, token)
   }
 }
