@@ -1,0 +1,140 @@
+/**
+ * Key isolation: `scope` (plugin or route) separates keys per principal, read
+ * after auth hooks have run; the key encoder turns the parts into a store key
+ * that no client input can forge.
+ */
+import { test } from 'tap'
+import type { FastifyRequest } from 'fastify'
+import { defaultKeyEncoder } from '../index.js'
+import type { KeyParts } from '../index.js'
+import { build, RecordingStore } from './helpers/app.js'
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    user?: { id: string }
+  }
+}
+
+const USERS: Record<string, string> = { 'token-a': 'alice', 'token-b': 'bob' }
+
+/** An auth hook: sets request.user from the bearer token, 401 without one. */
+async function auth (request: FastifyRequest) {
+  const user = USERS[String(request.headers.authorization).replace('Bearer ', '')]
+  if (user === undefined) throw Object.assign(new Error('unauthorized'), { statusCode: 401 })
+  request.user = { id: user }
+}
+
+test('scope from a route auth preHandler: user B with user A\'s key runs its own request', async (t) => {
+  const app = await build(t, { scope: (request) => request.user?.id })
+  let runs = 0
+  app.post('/transfer', { preHandler: auth }, async (request) => ({ run: ++runs, user: request.user?.id, body: request.body }))
+  const send = (token: string, payload: object) =>
+    app.inject({ method: 'POST', url: '/transfer', headers: { authorization: `Bearer ${token}`, 'idempotency-key': 'shared' }, payload })
+  const alice = await send('token-a', { amount: 1 })
+  t.same(alice.json(), { run: 1, user: 'alice', body: { amount: 1 } })
+  const bobSame = await send('token-b', { amount: 1 })
+  t.same(bobSame.json(), { run: 2, user: 'bob', body: { amount: 1 } }, 'bob never receives alice\'s response')
+  t.equal(bobSame.headers['idempotent-replayed'], undefined)
+  const aliceAgain = await send('token-a', { amount: 1 })
+  t.same(aliceAgain.json(), alice.json())
+  t.equal(aliceAgain.headers['idempotent-replayed'], 'true')
+  const bobAgain = await send('token-b', { amount: 1 })
+  t.same(bobAgain.json(), bobSame.json())
+  t.equal(runs, 2)
+  t.equal((await send('token-x', { amount: 1 })).statusCode, 401, 'auth runs before the claim')
+})
+
+test('keys of different scopes never conflict, even with different payloads', async (t) => {
+  const app = await build(t, { scope: (request) => request.user?.id })
+  let runs = 0
+  app.addHook('preHandler', auth) // a global auth hook, as an auth plugin would add
+  app.post('/', async () => ({ run: ++runs }))
+  const send = (token: string, payload: object) =>
+    app.inject({ method: 'POST', url: '/', headers: { authorization: `Bearer ${token}`, 'idempotency-key': 'k' }, payload })
+  t.equal((await send('token-a', { a: 1 })).statusCode, 200)
+  t.equal((await send('token-b', { b: 2 })).statusCode, 200, 'no 422: bob\'s key is not alice\'s')
+  t.equal((await send('token-a', { a: 2 })).statusCode, 422, 'alice reusing her key with another payload')
+  t.equal(runs, 2)
+})
+
+test('without a scope, keys are shared: the reason scope exists', async (t) => {
+  const app = await build(t)
+  let runs = 0
+  app.post('/', { preHandler: auth }, async (request) => ({ run: ++runs, user: request.user?.id }))
+  const send = (token: string) =>
+    app.inject({ method: 'POST', url: '/', headers: { authorization: `Bearer ${token}`, 'idempotency-key': 'k' } })
+  await send('token-a')
+  const bob = await send('token-b')
+  t.same(bob.json(), { run: 1, user: 'alice' })
+  t.equal(runs, 1)
+})
+
+test('route-level scope overrides the plugin scope', async (t) => {
+  const app = await build(t, { scope: () => 'everyone' })
+  let runs = 0
+  app.post('/tenant', { config: { idempotency: { scope: (request) => String(request.headers['x-tenant']) } } }, async () => ({ run: ++runs }))
+  app.post('/global', async () => ({ run: ++runs }))
+  const send = (url: string, tenant: string) =>
+    app.inject({ method: 'POST', url, headers: { 'x-tenant': tenant, 'idempotency-key': 'k' } })
+  await send('/tenant', 't1')
+  await send('/tenant', 't2')
+  await send('/tenant', 't1')
+  t.equal(runs, 2, 'one run per tenant')
+  await send('/global', 't1')
+  await send('/global', 't2')
+  t.equal(runs, 3, 'the plugin scope puts both tenants in one space')
+})
+
+test('a scope that returns undefined leaves the key unscoped', async (t) => {
+  const app = await build(t, { scope: (request) => request.headers['x-user'] as string | undefined })
+  let runs = 0
+  app.post('/', async () => ({ run: ++runs }))
+  const send = (user?: string) => app.inject({ method: 'POST', url: '/', headers: { 'idempotency-key': 'k', ...(user ? { 'x-user': user } : {}) } })
+  await send()
+  await send()
+  await send('-')
+  t.equal(runs, 2, 'no scope and the scope "-" are different keys')
+})
+
+test('keyEncoder receives scope, method, path without query, and key', async (t) => {
+  const parts: KeyParts[] = []
+  const store = new RecordingStore()
+  t.teardown(() => store.close())
+  const app = await build(t, {
+    store,
+    scope: () => 'tenant-1',
+    keyEncoder: (p) => {
+      parts.push(p)
+      return `custom:${p.key}`
+    }
+  })
+  app.put('/items/:id', async () => 'ok')
+  await app.inject({ method: 'PUT', url: '/items/7?force=true&x=1', headers: { 'idempotency-key': '"quoted"' } })
+  t.same(parts, [{ scope: 'tenant-1', method: 'PUT', path: '/items/7', key: 'quoted' }])
+  t.equal(store.claims[0].key, 'custom:quoted')
+})
+
+test('the default key encoder: bounded, prefixed, and no two sets of parts collide', async (t) => {
+  const base: KeyParts = { scope: undefined, method: 'POST', path: '/a', key: 'k' }
+  const encoded = defaultKeyEncoder(base)
+  t.match(encoded, /^idem:[A-Za-z0-9_-]{43}$/)
+  t.equal(defaultKeyEncoder({ ...base, key: 'x'.repeat(10_000) }).length, encoded.length, 'bounded length')
+  t.equal(defaultKeyEncoder({ ...base }), encoded, 'deterministic')
+  const variants: KeyParts[] = [
+    base,
+    { ...base, scope: '-' },
+    { ...base, scope: '' },
+    { ...base, scope: 'a' },
+    { ...base, scope: 'a|POST' },
+    { ...base, scope: 'a', key: 'b|k' },
+    { ...base, scope: 'a|b', key: 'k' },
+    { ...base, path: '/a|k' },
+    { ...base, path: '/a', key: '|k' },
+    { ...base, path: '/a|', key: 'k' },
+    { ...base, method: 'PUT' },
+    { ...base, scope: '1:a', path: '/a' },
+    { ...base, scope: '1', path: '/a' }
+  ]
+  const keys = variants.map(defaultKeyEncoder)
+  t.equal(new Set(keys).size, variants.length, 'all distinct')
+})
