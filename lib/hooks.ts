@@ -73,6 +73,8 @@ export function createHooks (settings: PluginSettings, leases: LeaseKeeper) {
       if (result.token !== undefined) {
         state.token = result.token
         leases.hold(state)
+        // The reply went out while the claim was pending (a handler timeout): Fastify will not run the handler.
+        if (reply.sent) await release(state)
         return
       }
       const record = result.record
@@ -95,6 +97,7 @@ export function createHooks (settings: PluginSettings, leases: LeaseKeeper) {
         throw err
       }
       await sleep(Math.min(pause, left))
+      if (reply.sent) return // answered meanwhile (a handler timeout): stop waiting
       pause = Math.min(pause * 2, LONGEST_POLL)
     }
   }
