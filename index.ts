@@ -9,18 +9,20 @@ import { LeaseKeeper } from './lib/leases.js'
 import { resolveOptions } from './lib/options.js'
 import { resolveRoute } from './lib/route-config.js'
 import { NO_KEY, kState, type StatefulReply } from './lib/state.js'
-import { pickStore } from './lib/stores/index.js'
+import { Stores } from './lib/stores/index.js'
 import type { FastifyIdempotencyOptions } from './types/index.js'
 
 export type * from './types/index.js'
 export { MemoryStore, type MemoryStoreOptions } from './lib/stores/memory.js'
+export { RedisStore, type RedisStoreOptions } from './lib/stores/redis.js'
 export { canonicalJson, defaultFingerprint } from './lib/fingerprint.js'
 export { defaultKeyEncoder } from './lib/key-encoder.js'
 export * as errors from './lib/errors.js'
 
 const plugin: FastifyPluginAsync<FastifyIdempotencyOptions> = async (fastify, options) => {
   const settings = resolveOptions(options)
-  const { store, owned } = pickStore(settings.store)
+  const stores = new Stores(fastify, settings)
+  const store = stores.main
   const leases = new LeaseKeeper(settings.lockTtl)
   const hooks = createHooks(settings, leases)
 
@@ -33,16 +35,17 @@ const plugin: FastifyPluginAsync<FastifyIdempotencyOptions> = async (fastify, op
   })
 
   fastify.addHook('onRoute', (route: RouteOptions) => {
-    const routeSettings = resolveRoute(route, settings, store)
+    const routeSettings = resolveRoute(route, settings, stores)
     if (routeSettings === undefined) return
     route.onRequest = [...asArray(route.onRequest), hooks.checkHeader(routeSettings)]
     route.preHandler = [...asArray(route.preHandler), hooks.claimKey]
     route.handler = hooks.trackHandler(route.handler)
   })
   fastify.addHook('onSend', hooks.saveReply)
-  fastify.addHook('onClose', async () => {
+  fastify.addHook('onClose', (_instance, done) => {
     leases.close()
-    if (owned) await store.close?.()
+    stores.close()
+    done()
   })
 }
 

@@ -39,7 +39,8 @@ export const shared = {
   scope: fn('must be a function (request) => string | undefined'),
   onStoreError: Type.Union([Type.Literal('fail-closed'), Type.Literal('fail-open')], {
     errorMessage: 'must be \'fail-closed\' or \'fail-open\''
-  })
+  }),
+  redisNamespace: Type.String({ minLength: 1, errorMessage: 'must be the non-empty name of a @fastify/redis namespace' })
 }
 
 const storeSchema = Type.Object({
@@ -76,9 +77,11 @@ const optionsSchema = Type.Partial(Type.Object({
   }, { additionalProperties: false }),
   keyEncoder: fn('must be a function (parts) => string'),
   telemetry: Type.Boolean(),
-  store: Type.Union([Type.Literal('memory'), storeSchema], {
-    errorMessage: 'must be \'memory\' or an object with claim, complete, release and renew methods'
+  store: Type.Union([Type.Literal('memory'), Type.Literal('redis'), storeSchema], {
+    errorMessage: 'must be \'memory\', \'redis\' or an object with claim, complete, release and renew methods'
   }),
+  redisNamespace: shared.redisNamespace,
+  storeTimeout: Type.Integer({ minimum: 1, errorMessage: 'must be a positive integer (ms)' }),
   onStoreError: shared.onStoreError
 }), { additionalProperties: false })
 
@@ -106,7 +109,9 @@ export interface PluginSettings {
   keyRules: KeyRules
   keyEncoder: KeyEncoder
   telemetry: boolean
-  store: 'memory' | IdempotencyStore
+  store: 'memory' | 'redis' | IdempotencyStore
+  redisNamespace: string | undefined
+  storeTimeout: number
   onStoreError: StoreErrorPolicy
 }
 
@@ -142,6 +147,8 @@ export function resolveOptions (options: FastifyIdempotencyOptions): PluginSetti
     keyEncoder: options.keyEncoder ?? defaultKeyEncoder,
     telemetry: options.telemetry ?? false,
     store: options.store ?? 'memory',
+    redisNamespace: options.redisNamespace,
+    storeTimeout: options.storeTimeout ?? 2000,
     onStoreError: options.onStoreError ?? 'fail-closed'
   }
 }

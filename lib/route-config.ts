@@ -7,6 +7,7 @@ import { Type } from '@sinclair/typebox'
 import type { RouteOptions } from 'fastify'
 import { InvalidRouteConfigError } from './errors.js'
 import { check, resolveFingerprint, shared, type PluginSettings } from './options.js'
+import type { Stores } from './stores/index.js'
 import type { FingerprintFunction, IdempotencyRouteOptions, IdempotencyStore, ScopeFunction, StoreErrorPolicy } from '../types/index.js'
 
 const routeObjectSchema = Type.Partial(Type.Object({
@@ -17,7 +18,8 @@ const routeObjectSchema = Type.Partial(Type.Object({
   conflictStatusCode: shared.conflictStatusCode,
   fingerprint: shared.fingerprint,
   scope: shared.scope,
-  onStoreError: shared.onStoreError
+  onStoreError: shared.onStoreError,
+  redisNamespace: shared.redisNamespace
 }), { additionalProperties: false })
 const routeSchema = Type.Union([Type.Boolean(), routeObjectSchema], { errorMessage: 'must be true, false or an object of route options' })
 
@@ -37,7 +39,7 @@ export interface RouteSettings {
 }
 
 /** The settings of `route`, or undefined when the plugin leaves it alone. */
-export function resolveRoute (route: RouteOptions, plugin: PluginSettings, store: IdempotencyStore): RouteSettings | undefined {
+export function resolveRoute (route: RouteOptions, plugin: PluginSettings, stores: Stores): RouteSettings | undefined {
   const config: unknown = route.config?.idempotency
   if (config === false) return undefined
   const routeMethods = (Array.isArray(route.method) ? route.method : [route.method]).map((m) => m.toUpperCase())
@@ -75,6 +77,6 @@ export function resolveRoute (route: RouteOptions, plugin: PluginSettings, store
     fingerprint: options.fingerprint === undefined ? plugin.fingerprint : resolveFingerprint(options.fingerprint),
     scope: options.scope ?? plugin.scope,
     onStoreError: options.onStoreError ?? plugin.onStoreError,
-    store
+    store: stores.forRoute(options.redisNamespace, (message) => new InvalidRouteConfigError(name, 'redisNamespace', message))
   }
 }

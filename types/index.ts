@@ -138,8 +138,15 @@ export interface FastifyIdempotencyOptions {
   keyEncoder?: KeyEncoder
   /** Adds `x-request-start-time` and `x-request-duration-ms` to covered responses. Default false. */
   telemetry?: boolean
-  /** `'memory'` (default), or any {@link IdempotencyStore}. */
-  store?: 'memory' | IdempotencyStore
+  /**
+   * `'memory'` (default); `'redis'`: a `RedisStore` on the client that
+   * `@fastify/redis` decorates (register it first); or any {@link IdempotencyStore}.
+   */
+  store?: 'memory' | 'redis' | IdempotencyStore
+  /** With `store: 'redis'`: use `fastify.redis[redisNamespace]`. */
+  redisNamespace?: string
+  /** With `store: 'redis'`: how long one store operation may take before it counts as a failure, in ms. Default 2000. */
+  storeTimeout?: number
   /** What happens when the store fails. Default `'fail-closed'` (503). */
   onStoreError?: StoreErrorPolicy
 }
@@ -156,6 +163,8 @@ export interface IdempotencyRouteOptions {
   fingerprint?: boolean | FingerprintFunction
   scope?: ScopeFunction
   onStoreError?: StoreErrorPolicy
+  /** Keep this route's records in `fastify.redis[redisNamespace]` (a `@fastify/redis` namespace). */
+  redisNamespace?: string
 }
 
 /** `reply.idempotency`: what the plugin knows about the current request. */
