@@ -1,11 +1,13 @@
 /**
- * Lease renewal: while a handler runs, its claim is extended every
- * `lockTtl / 3`, so a slow handler never loses its key to a duplicate. One
- * unref'd timer per plugin renews every running claim; a request only joins
- * and leaves a Set. A process that dies stops renewing, and its claims expire
- * after `lockTtl`.
+ * Lease renewal: while a request holds its claim (its handler runs, or its
+ * result is on its way through serialization and onSend), the claim is
+ * extended every `lockTtl / 3`, so a slow request never loses its key to a
+ * duplicate. One unref'd timer per plugin renews every held claim; a request
+ * joins the Set when it claims and leaves it when its claim is completed or
+ * released. A process that dies stops renewing, and its claims expire after
+ * `lockTtl`.
  */
-import { CLAIMED, DONE, type RequestState } from './state.js'
+import type { RequestState } from './state.js'
 
 export class LeaseKeeper {
   private readonly held = new Set<RequestState>()
@@ -28,11 +30,12 @@ export class LeaseKeeper {
 
   renewAll (): void {
     for (const state of this.held) {
-      // Only running handlers are renewed: a claim whose handler never started, or
-      // whose reply went out without a result (hijacked), is left to expire.
-      if (state.phase === CLAIMED || state.phase === DONE || state.token === undefined) continue
-      const { storeKey, token, request } = state
-      Promise.resolve(state.route.store.renew(storeKey, token, this.lockTtl)).then((renewed) => {
+      // Held until completed or released: a handler that has ended still holds its claim
+      // until onSend saves its result, and async preSerialization or onSend hooks may be slow.
+      const { storeKey, request } = state
+      const token = state.token as string
+      // Called in an async function, so a store that throws synchronously rejects instead of crashing the timer.
+      ;(async () => state.route.store.renew(storeKey, token, this.lockTtl))().then((renewed) => {
         if (!renewed && state.token === token) {
           request.log.error({ idempotencyKey: storeKey }, 'idempotency: the lease of a running handler was lost; its response will not be saved')
         }
