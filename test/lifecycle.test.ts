@@ -359,3 +359,53 @@ test('handlerTimeout while a duplicate waits for the original: the duplicate sto
   t.equal((await send()).statusCode, 200, 'the key is free: the waiter did not claim it')
   t.equal(runs, 2)
 })
+
+test('lease renewal continues after the handler ends, while its result goes through slow hooks', async (t) => {
+  const app = await build(t, { lockTtl: 30 })
+  let runs = 0
+  let serializing = false
+  app.post('/', {
+    preSerialization: async (_request, _reply, payload: unknown) => {
+      serializing = true
+      await sleep(200) // more than six lockTtl
+      return payload
+    }
+  }, async () => ({ run: ++runs }))
+  const send = () => app.inject({ method: 'POST', url: '/', headers: { 'idempotency-key': 'k' } })
+  const original = send()
+  await until(() => serializing)
+  await sleep(100)
+  const dup = await send()
+  t.equal(dup.statusCode, 409, 'the handler has ended, but its result is not saved yet: the claim is still held')
+  const first = await original
+  t.equal(runs, 1)
+  const replay = await send()
+  t.equal(replay.body, first.body)
+  t.equal(replay.headers['idempotent-replayed'], 'true')
+})
+
+test('a store whose renew() throws synchronously: logged, the process keeps running', async (t) => {
+  const lines: LogLine[] = []
+  const inner = new MemoryStore()
+  t.teardown(() => inner.close())
+  let renewals = 0
+  const store: IdempotencyStore = {
+    claim: (key, fingerprint, lockTtl) => inner.claim(key, fingerprint, lockTtl),
+    complete: (key, token, response, ttl) => inner.complete(key, token, response, ttl),
+    release: (key, token) => inner.release(key, token),
+    renew: () => {
+      renewals++
+      throw new Error('renew exploded')
+    }
+  }
+  const app = await build(t, { store, lockTtl: 30 }, capturingLogger(lines))
+  app.post('/', async () => {
+    await until(() => renewals >= 2)
+    return 'ok'
+  })
+  const res = await app.inject({ method: 'POST', url: '/', headers: { 'idempotency-key': 'k' } })
+  t.equal(res.statusCode, 200)
+  const logged = lines.filter((l) => l.level === ERROR && /lease renewal failed/.test(l.msg))
+  t.ok(logged.length >= 2)
+  t.equal(logged[0].err?.message, 'renew exploded')
+})
