@@ -138,3 +138,23 @@ test('the default key encoder: bounded, prefixed, and no two sets of parts colli
   const keys = variants.map(defaultKeyEncoder)
   t.equal(new Set(keys).size, variants.length, 'all distinct')
 })
+
+test('route hooks given as arrays all run before the claim, in order', async (t) => {
+  const app = await build(t, { scope: (request) => request.user?.id })
+  const order: string[] = []
+  let runs = 0
+  app.post('/', {
+    onRequest: [async () => { order.push('onRequest 1') }, async () => { order.push('onRequest 2') }],
+    preHandler: [auth, async (request) => { order.push(`preHandler 2 sees ${request.user?.id}`) }]
+  }, async () => {
+    order.push('handler')
+    return { run: ++runs }
+  })
+  const send = (token: string) =>
+    app.inject({ method: 'POST', url: '/', headers: { authorization: `Bearer ${token}`, 'idempotency-key': 'k' } })
+  await send('token-a')
+  t.same(order, ['onRequest 1', 'onRequest 2', 'preHandler 2 sees alice', 'handler'])
+  await send('token-b')
+  await send('token-a')
+  t.equal(runs, 2, 'scoped by the user the preHandler array set')
+})
