@@ -54,8 +54,8 @@ test('invalid options are refused at registration, naming the option', async (t)
     [{ key: { minLength: 3 } }, 'key.minLength', 'unknown option'],
     [{ keyEncoder: 'sha256' }, 'keyEncoder', 'must be a function (parts) => string'],
     [{ telemetry: 'yes' }, 'telemetry', 'Expected boolean'],
-    [{ store: 'disk' }, 'store', 'must be \'memory\' or an object with claim, complete, release and renew methods'],
-    [{ store: { claim () {}, complete () {}, release () {} } }, 'store', 'must be \'memory\' or an object with claim, complete, release and renew methods'],
+    [{ store: 'disk' }, 'store', 'an object with claim, complete, release and renew methods'],
+    [{ store: { claim () {}, complete () {}, release () {} } }, 'store', 'an object with claim, complete, release and renew methods'],
     [{ onStoreError: 'ignore' }, 'onStoreError', 'must be \'fail-closed\' or \'fail-open\''],
     [{ headr: 'idempotency-key' }, 'headr', 'unknown option']
   ]
