@@ -90,6 +90,21 @@ t.test('eviction drops the least recently used completed records, never in-fligh
   t.ok(store.size <= 10 + 1)
 })
 
+t.test('a record completed while its claim sat in the previous generation is not evicted first', async (t) => {
+  // maxRecords 10: generations of 5. A slow request claims, five others come and go, then it completes.
+  const { store } = clocked({ maxRecords: 10 })
+  const slow = store.claim('slow', 'fp', LONG).token as string
+  const add = (key: string) => {
+    const token = store.claim(key, 'fp', LONG).token as string
+    store.complete(key, token, sampleResponse(), LONG)
+  }
+  for (const key of ['a', 'b', 'c', 'd']) add(key) // rotation: 'slow' is now in the previous generation
+  t.equal(store.complete('slow', slow, sampleResponse(), LONG), true)
+  for (const key of ['e', 'f', 'g', 'h', 'i']) add(key) // rotation: the previous generation is dropped
+  t.equal(store.claim('slow', 'fp', LONG).record?.state, 'completed', 'the newest response is still replayed')
+  t.type(store.claim('a', 'fp', LONG).token, 'string', 'older ones went first')
+})
+
 t.test('expired in-flight claims are not carried into the next generation', async (t) => {
   const { store, clock } = clocked({ maxRecords: 4 })
   store.claim('dead', 'fp', 10)

@@ -95,6 +95,8 @@ export class MemoryStore implements IdempotencyStore {
     const entry = this.claimed(key, token, now)
     if (entry === undefined) return false
     entry.completeWith(response, ttl === null ? Infinity : now + ttl)
+    // Just written, so most recently used: out of the generation that is dropped next.
+    if (this.previous.delete(key)) this.insert(key, entry)
     return true
   }
 
