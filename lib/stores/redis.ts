@@ -183,7 +183,11 @@ export class RedisStore implements IdempotencyStore {
   /** Leaves the client connected: it belongs to the application (or `@fastify/redis`). */
   close (): void {}
 
-  /** Runs one script, failing with `FST_IDEMPOTENCY_STORE_TIMEOUT` if Redis does not answer in time. */
+  /**
+   * Runs one script, failing with `FST_IDEMPOTENCY_STORE_TIMEOUT` if Redis does
+   * not answer in time. The command may still run later (ioredis keeps it
+   * queued): a claim made that way has no owner and expires after lockTtl.
+   */
   private call (command: string, key: string, args: Array<string | Buffer>): Promise<unknown> {
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => reject(new StoreTimeoutError(this.timeout)), this.timeout)
