@@ -50,6 +50,17 @@ export const StoreUnavailableError = createError(
   false
 )
 
+/**
+ * A store did not answer in time (the Redis store's `timeout`). ioredis queues
+ * commands while it reconnects, so without this bound a dead Redis would hold
+ * requests for as long as it keeps retrying. The plugin treats it as any store
+ * failure (`onStoreError`).
+ */
+export const StoreTimeoutError = createError(
+  'FST_IDEMPOTENCY_STORE_TIMEOUT',
+  'The idempotency store did not answer within %d ms'
+)
+
 /** A plugin option is invalid (thrown at registration). */
 export const InvalidOptionError = createError(
   'FST_IDEMPOTENCY_INVALID_OPTION',

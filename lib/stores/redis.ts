@@ -24,7 +24,7 @@
  * same whatever protocol the client speaks.
  */
 import { createHash, randomBytes } from 'node:crypto'
-import createError from '@fastify/error'
+import { StoreTimeoutError } from '../errors.js'
 import type { Cluster, Redis } from 'ioredis'
 import type { ClaimResult, IdempotencyStore, StoredResponse } from '../../types/index.js'
 
@@ -36,16 +36,6 @@ export interface RedisStoreOptions {
   /** How long any store call waits for Redis before it fails with `FST_IDEMPOTENCY_STORE_TIMEOUT`, in ms. Default 2000. */
   timeout?: number
 }
-
-/**
- * Redis did not answer in time. ioredis queues commands while it reconnects,
- * so without this bound a dead Redis would hold requests for as long as it
- * keeps retrying.
- */
-export const StoreTimeoutError = createError(
-  'FST_IDEMPOTENCY_STORE_TIMEOUT',
-  'The idempotency store did not answer within %d ms'
-)
 
 /**
  * KEYS[1] record; ARGV token, lockTtl[, fingerprint].
