@@ -20,7 +20,7 @@ import type { PluginSettings } from './options.js'
 import { captureResponse, replayResponse } from './response.js'
 import type { RouteSettings } from './route-config.js'
 import {
-  DONE, RUNNING_ASYNC, RUNNING_CALLBACK, RequestState, kState, type StatefulReply
+  DONE, IN_CALL, RUNNING_ASYNC, RUNNING_CALLBACK, RequestState, kState, type StatefulReply
 } from './state.js'
 import type { ClaimResult, StoredResponse } from '../types/index.js'
 
@@ -125,16 +125,25 @@ export function createHooks (settings: PluginSettings, leases: LeaseKeeper) {
     return function trackedHandler (this: FastifyInstance, request, reply) {
       const state = (reply as StatefulReply)[kState]
       if (state === null || state.token === undefined) return handler.call(this, request, reply)
-      state.phase = RUNNING_CALLBACK
-      const result = handler.call(this, request, reply)
+      // A reply sent during the call (an async handler sends before its first await)
+      // does not end the handler: finish() leaves the claim to be released below.
+      state.phase = IN_CALL
+      let result: unknown
+      try {
+        result = handler.call(this, request, reply)
+      } catch (err) {
+        handlerEnded(state, reply)
+        throw err
+      }
       if (typeof (result as Promise<unknown> | undefined)?.then === 'function') {
         state.phase = RUNNING_ASYNC
         const ended = () => handlerEnded(state, reply)
         ;(result as Promise<unknown>).then(ended, ended)
-      } else if (reply.sent && state.token !== undefined) {
-        // Hijacked: the handler answered on the raw response and onSend never runs.
-        state.phase = DONE
-        release(state) // never rejects: failures are logged
+      } else if (state.token !== undefined && (state.releaseWhenDone || reply.sent)) {
+        // It sent a reply that is not stored, or it hijacked the reply (onSend never runs).
+        handlerEnded(state, reply)
+      } else {
+        state.phase = RUNNING_CALLBACK
       }
       return result
     } as RouteHandlerMethod
@@ -142,8 +151,8 @@ export function createHooks (settings: PluginSettings, leases: LeaseKeeper) {
 
   function handlerEnded (state: RequestState, reply: FastifyReply): void {
     state.phase = DONE
-    // A reply that went out while the handler ran (a timeout) or a hijacked reply
-    // left the claim held until now; a normal reply is still on its way to onSend.
+    // A reply that went out while the handler ran (sent early, a timeout) or a hijacked
+    // reply left the claim held until now; a normal reply is still on its way to onSend.
     if (state.token !== undefined && (state.releaseWhenDone || reply.sent)) release(state) // never rejects: failures are logged
   }
 
@@ -166,7 +175,7 @@ export function createHooks (settings: PluginSettings, leases: LeaseKeeper) {
       if (response !== undefined) return save(state, response)
       state.request.log.warn({ idempotencyKey: state.storeKey }, 'idempotency: the response payload cannot be saved (a stream?); the claim is released')
     }
-    if (state.phase === RUNNING_ASYNC) {
+    if (state.phase === RUNNING_ASYNC || state.phase === IN_CALL) {
       state.releaseWhenDone = true
       return
     }

@@ -18,6 +18,8 @@ export const RUNNING_ASYNC = 1
 /** The handler returned without a promise and has not called `reply.send` yet. */
 export const RUNNING_CALLBACK = 2
 export const DONE = 3
+/** The handler's call has not returned yet: whether it will go on (a promise) is not known. */
+export const IN_CALL = 4
 
 /** The answer of `reply.idempotency` on requests the plugin does not handle. */
 export const NO_KEY: IdempotencyReplyState = Object.freeze({
