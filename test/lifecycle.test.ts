@@ -178,22 +178,23 @@ test('reply.hijack(): the claim is released when the handler ends, nothing is sa
 test('lease renewal: a handler slower than lockTtl keeps its claim; duplicates get 409; it runs once', async (t) => {
   const store = new FlakyStore()
   t.teardown(() => store.close())
-  const app = await build(t, { store, lockTtl: 60 })
+  // Margins are wide so that a loaded machine cannot stall the renewal timer past a lease.
+  const app = await build(t, { store, lockTtl: 150 })
   let runs = 0
   app.post('/', async () => {
     runs++
-    await sleep(300)
+    await sleep(800)
     return { run: runs }
   })
   const send = () => app.inject({ method: 'POST', url: '/', headers: { 'idempotency-key': 'k' } })
   const original = send()
   await until(() => runs === 1)
   const statuses: number[] = []
-  for (let i = 0; i < 4; i++) {
-    await sleep(50)
+  for (let i = 0; i < 5; i++) {
+    await sleep(120)
     statuses.push((await send()).statusCode)
   }
-  t.same(statuses, [409, 409, 409, 409], 'every duplicate during 200+ ms (over 3 lockTtl) got 409')
+  t.same(statuses, [409, 409, 409, 409, 409], 'every duplicate during 600+ ms (4 lockTtl) got 409')
   const first = await original
   t.equal(first.statusCode, 200)
   t.equal(runs, 1)
@@ -361,20 +362,20 @@ test('handlerTimeout while a duplicate waits for the original: the duplicate sto
 })
 
 test('lease renewal continues after the handler ends, while its result goes through slow hooks', async (t) => {
-  const app = await build(t, { lockTtl: 30 })
+  const app = await build(t, { lockTtl: 150 })
   let runs = 0
   let serializing = false
   app.post('/', {
     preSerialization: async (_request, _reply, payload: unknown) => {
       serializing = true
-      await sleep(200) // more than six lockTtl
+      await sleep(700)
       return payload
     }
   }, async () => ({ run: ++runs }))
   const send = () => app.inject({ method: 'POST', url: '/', headers: { 'idempotency-key': 'k' } })
   const original = send()
   await until(() => serializing)
-  await sleep(100)
+  await sleep(400) // more than two lockTtl
   const dup = await send()
   t.equal(dup.statusCode, 409, 'the handler has ended, but its result is not saved yet: the claim is still held')
   const first = await original
@@ -408,4 +409,82 @@ test('a store whose renew() throws synchronously: logged, the process keeps runn
   const logged = lines.filter((l) => l.level === ERROR && /lease renewal failed/.test(l.msg))
   t.ok(logged.length >= 2)
   t.equal(logged[0].err?.message, 'renew exploded')
+})
+
+test('an async handler that returns reply and sends later keeps its claim until it sends', async (t) => {
+  const app = await build(t, { lockTtl: 150 })
+  let runs = 0
+  let sent = false
+  app.post('/', async (_request, reply) => {
+    runs++
+    setTimeout(() => {
+      sent = true
+      reply.code(201).send({ late: true })
+    }, 700)
+    return reply
+  })
+  const send = () => app.inject({ method: 'POST', url: '/', headers: { 'idempotency-key': 'k' } })
+  const original = send()
+  await until(() => runs === 1)
+  await sleep(400)
+  t.equal(sent, false)
+  t.equal((await send()).statusCode, 409, 'more than two lockTtl later, the claim is still held')
+  const first = await original
+  t.equal(first.statusCode, 201)
+  const replay = await send()
+  t.equal(replay.statusCode, 201)
+  t.equal(replay.body, first.body)
+  t.equal(runs, 1)
+})
+
+test('an async handler that sends an error and keeps working holds the claim until it returns', async (t) => {
+  const store = new RecordingStore()
+  t.teardown(() => store.close())
+  const app = await build(t, { store })
+  const work = gate()
+  let runs = 0
+  let finished = 0
+  app.post('/', async (_request, reply) => {
+    runs++
+    if (runs === 1) {
+      await reply.code(500).send({ error: 'answered early' })
+      await work.promise // still doing something after the reply went out
+      finished++
+      return reply
+    }
+    return { run: runs }
+  })
+  const send = () => app.inject({ method: 'POST', url: '/', headers: { 'idempotency-key': 'k' } })
+  t.equal((await send()).statusCode, 500)
+  t.equal((await send()).statusCode, 409, 'the handler is still running')
+  t.equal(store.releases.length, 0)
+  work.open()
+  await until(() => store.releases.length === 1)
+  t.equal(finished, 1)
+  t.same((await send()).json(), { run: 2 })
+})
+
+test('sync handlers that send an error reply, or hijack and then throw, release the claim', async (t) => {
+  const store = new RecordingStore()
+  t.teardown(() => store.close())
+  const app = await build(t, { store })
+  let runs = 0
+  app.post('/send', (_request, reply) => {
+    runs++
+    reply.code(400).send({ bad: true })
+  })
+  app.post('/hijack-then-throw', (_request, reply) => {
+    runs++
+    reply.hijack()
+    reply.raw.end('raw')
+    throw new Error('after the reply')
+  })
+  for (const url of ['/send', '/hijack-then-throw']) {
+    const first = await app.inject({ method: 'POST', url, headers: { 'idempotency-key': 'k' } })
+    const second = await app.inject({ method: 'POST', url, headers: { 'idempotency-key': 'k' } })
+    t.equal(second.statusCode, first.statusCode, url)
+    t.equal(second.headers['idempotent-replayed'], undefined)
+  }
+  t.equal(runs, 4)
+  t.equal(store.releases.length, 4)
 })
