@@ -37,7 +37,7 @@ const plugin: FastifyPluginAsync<FastifyIdempotencyOptions> = async (fastify, op
   fastify.addHook('onRoute', (route: RouteOptions) => {
     const routeSettings = resolveRoute(route, settings, stores)
     if (routeSettings === undefined) return
-    route.onRequest = [...asArray(route.onRequest), hooks.checkHeader(routeSettings)]
+    route.onRequest = [hooks.checkHeader(routeSettings), ...asArray(route.onRequest)] // first: the route's own hooks see the key
     route.preHandler = [...asArray(route.preHandler), hooks.claimKey]
     route.handler = hooks.trackHandler(route.handler)
   })
