@@ -25,6 +25,9 @@ const plugin: FastifyPluginAsync<FastifyIdempotencyOptions> = async (fastify, op
   const store = stores.main
   const leases = new LeaseKeeper(settings.lockTtl)
   const hooks = createHooks(settings, leases)
+  if (settings.scope === undefined && settings.mode !== 'exempt') {
+    fastify.log.warn('fastify-idempotency: no `scope` is set, so keys are shared by every client: a client that sends another client\'s key gets that client\'s saved response. Set `scope` to the authenticated principal (see the README, "Scope").')
+  }
 
   fastify.decorate('idempotency', { store })
   fastify.decorateReply(kState, null)

@@ -29,7 +29,7 @@ const FIRST_POLL = 5
 const LONGEST_POLL = 100
 
 export function createHooks (settings: PluginSettings, leases: LeaseKeeper) {
-  const { header, keyRules, keyEncoder, lockTtl, replayHeader, telemetry, inFlightWait } = settings
+  const { header, keyRules, keyEncoder, lockTtl, replayHeader, telemetry, inFlightWait, unsavedHeaders } = settings
 
   /** onRequest: the key is parsed and validated before the body is read. */
   function checkHeader (route: RouteSettings) {
@@ -37,7 +37,10 @@ export function createHooks (settings: PluginSettings, leases: LeaseKeeper) {
       if (!route.methods.has(request.method)) return done()
       const state = new RequestState(route, request)
       ;(reply as StatefulReply)[kState] = state
-      if (telemetry) state.startedAt = performance.now()
+      if (telemetry) {
+        state.startedAt = Date.now()
+        state.startMark = performance.now()
+      }
       const raw = request.headers[header]
       if (raw === undefined) return done(route.required ? new KeyMissingError(header) : undefined)
       try {
@@ -89,6 +92,9 @@ export function createHooks (settings: PluginSettings, leases: LeaseKeeper) {
         return replayResponse(reply, record.response, route, replayHeader)
       }
       // In flight: wait for the original to complete or release the key, up to inFlight.wait.
+      // Waiting polls the same claim-or-get step with back-off: it works on any store and
+      // across processes, needs no extra connection (pub/sub) or server setting (keyspace
+      // notifications), and a waiter that finds the key released claims it in that step.
       const left = deadline - Date.now()
       if (left <= 0) {
         const err: Error & { statusCode: number } = new InFlightError()
@@ -161,8 +167,8 @@ export function createHooks (settings: PluginSettings, leases: LeaseKeeper) {
     const state = (reply as StatefulReply)[kState]
     if (state === null) return done(null, payload)
     if (telemetry) {
-      reply.header('x-request-start-time', String(Math.round(performance.timeOrigin + state.startedAt)))
-      reply.header('x-request-duration-ms', (performance.now() - state.startedAt).toFixed(3))
+      reply.header('x-request-start-time', String(state.startedAt))
+      reply.header('x-request-duration-ms', (performance.now() - state.startMark).toFixed(3))
     }
     if (state.token === undefined) return done(null, payload)
     finish(state, reply, payload).then(() => done(null, payload))
@@ -171,7 +177,7 @@ export function createHooks (settings: PluginSettings, leases: LeaseKeeper) {
   async function finish (state: RequestState, reply: FastifyReply, payload: unknown): Promise<void> {
     if (state.phase === RUNNING_CALLBACK) state.phase = DONE
     if (state.route.storeOnStatuses.has(reply.statusCode)) {
-      const response = captureResponse(reply, payload, replayHeader)
+      const response = captureResponse(reply, payload, unsavedHeaders)
       if (response !== undefined) return save(state, response)
       state.request.log.warn({ idempotencyKey: state.storeKey }, 'idempotency: the response payload cannot be saved (a stream?); the claim is released')
     }

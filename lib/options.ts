@@ -10,6 +10,7 @@ import { InvalidOptionError } from './errors.js'
 import { defaultFingerprint } from './fingerprint.js'
 import { defaultKeyEncoder } from './key-encoder.js'
 import type { KeyRules } from './header.js'
+import { unsavedHeaders } from './response.js'
 import type {
   FastifyIdempotencyOptions, FingerprintFunction, IdempotencyMode, IdempotencyStore,
   KeyEncoder, ScopeFunction, StoreErrorPolicy
@@ -77,6 +78,7 @@ const optionsSchema = Type.Partial(Type.Object({
   }, { additionalProperties: false }),
   keyEncoder: fn('must be a function (parts) => string'),
   telemetry: Type.Boolean(),
+  replaySetCookie: Type.Boolean(),
   store: Type.Union([Type.Literal('memory'), Type.Literal('redis'), storeSchema], {
     errorMessage: 'must be \'memory\', \'redis\' or an object with claim, complete, release and renew methods'
   }),
@@ -109,6 +111,8 @@ export interface PluginSettings {
   keyRules: KeyRules
   keyEncoder: KeyEncoder
   telemetry: boolean
+  /** Headers never saved with a response. */
+  unsavedHeaders: ReadonlySet<string>
   store: 'memory' | 'redis' | IdempotencyStore
   redisNamespace: string | undefined
   storeTimeout: number
@@ -129,6 +133,7 @@ export function resolveOptions (options: FastifyIdempotencyOptions): PluginSetti
   check(optionsSchema, options, (path, message) => new InvalidOptionError(path, message))
   const header = (options.header ?? 'idempotency-key').toLowerCase()
   const key = options.key ?? {}
+  const replayHeader = options.replayHeader === false ? false : (options.replayHeader ?? 'idempotent-replayed').toLowerCase()
   return {
     header,
     methods: new Set((options.methods ?? ['POST', 'PUT', 'PATCH', 'DELETE']).map((method, i) => checkMethod(method, `methods.${i}`))),
@@ -140,12 +145,13 @@ export function resolveOptions (options: FastifyIdempotencyOptions): PluginSetti
     inFlightStatus: options.inFlight?.statusCode ?? 409,
     storeOnStatuses: new Set(options.storeOnStatuses ?? DEFAULT_STATUSES),
     conflictStatusCode: options.conflictStatusCode ?? null,
-    replayHeader: options.replayHeader === false ? false : (options.replayHeader ?? 'idempotent-replayed').toLowerCase(),
+    replayHeader,
     fingerprint: resolveFingerprint(options.fingerprint),
     scope: options.scope,
     keyRules: { header, maxLength: key.maxLength ?? 255, pattern: key.pattern, uuid: key.uuid ?? false },
     keyEncoder: options.keyEncoder ?? defaultKeyEncoder,
     telemetry: options.telemetry ?? false,
+    unsavedHeaders: unsavedHeaders(replayHeader, options.replaySetCookie ?? false),
     store: options.store ?? 'memory',
     redisNamespace: options.redisNamespace,
     storeTimeout: options.storeTimeout ?? 2000,

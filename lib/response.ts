@@ -8,18 +8,27 @@ import type { StoredResponse } from '../types/index.js'
 
 /**
  * Headers never saved: hop-by-hop ones, those that describe one transmission
- * (`content-length`, `date`), cookies meant for the first client only, and
- * the plugin's own per-response headers.
+ * (`content-length`, `date`), and the plugin's own per-response headers.
+ * `set-cookie` joins them unless `replaySetCookie` is set: a cookie is meant
+ * for the client that got the first response.
  */
-const UNSAVED = new Set([
+const UNSAVED = [
   'connection', 'keep-alive', 'proxy-authenticate', 'proxy-authorization', 'proxy-connection', 'te',
-  'trailer', 'transfer-encoding', 'upgrade', 'content-length', 'date', 'set-cookie',
+  'trailer', 'transfer-encoding', 'upgrade', 'content-length', 'date',
   'x-request-start-time', 'x-request-duration-ms'
-])
+]
+
+/** The names of the headers that are never saved, for these options. */
+export function unsavedHeaders (replayHeader: string | false, replaySetCookie: boolean): ReadonlySet<string> {
+  const names = new Set(UNSAVED)
+  if (replayHeader !== false) names.add(replayHeader)
+  if (!replaySetCookie) names.add('set-cookie')
+  return names
+}
 const EMPTY = Buffer.alloc(0)
 
 /** The reply as a storable response, or undefined when its payload cannot be saved (a stream). */
-export function captureResponse (reply: FastifyReply, payload: unknown, replayHeader: string | false): StoredResponse | undefined {
+export function captureResponse (reply: FastifyReply, payload: unknown, unsaved: ReadonlySet<string>): StoredResponse | undefined {
   let body: Buffer
   if (typeof payload === 'string') body = Buffer.from(payload)
   else if (Buffer.isBuffer(payload)) body = payload
@@ -29,7 +38,7 @@ export function captureResponse (reply: FastifyReply, payload: unknown, replayHe
   const sent = reply.getHeaders()
   for (const name in sent) {
     const value = sent[name]
-    if (value === undefined || UNSAVED.has(name) || name === replayHeader) continue
+    if (value === undefined || unsaved.has(name)) continue
     headers[name] = typeof value === 'number' ? String(value) : value
   }
   return { statusCode: reply.statusCode, headers, body }

@@ -38,8 +38,9 @@ export class RequestState implements IdempotencyReplyState {
   phase = CLAIMED
   /** A reply went out while the handler was still running: release the claim when it ends. */
   releaseWhenDone = false
-  /** `performance.now()` when the request arrived (telemetry only). */
+  /** When the request arrived, in ms since the epoch and as `performance.now()` (telemetry only). */
   startedAt = 0
+  startMark = 0
 
   constructor (
     readonly route: RouteSettings,

@@ -7,7 +7,7 @@ import { test } from 'tap'
 import Fastify from 'fastify'
 import fastifyIdempotency, { MemoryStore } from '../index.js'
 import type { IdempotencyReplyState } from '../index.js'
-import { build } from './helpers/app.js'
+import { WARN, build, capturingLogger, type LogLine } from './helpers/app.js'
 
 const NO_KEY = { key: undefined, exists: false, replayed: false, response: undefined }
 
@@ -110,4 +110,23 @@ test('an app with the plugin and an in-flight lease timer closes cleanly', async
   app.post('/', async () => 'ok')
   await app.inject({ method: 'POST', url: '/', headers: { 'idempotency-key': 'k' } })
   await t.resolves(async () => { await app.close() })
+})
+
+test('a one-time start-up warning when scope is unset and mode is not exempt', async (t) => {
+  const scopeWarnings = async (options: object): Promise<LogLine[]> => {
+    const lines: LogLine[] = []
+    const app = await build(t, options, capturingLogger(lines))
+    app.post('/a', async () => 'a')
+    app.post('/b', async () => 'b')
+    await app.ready()
+    await app.inject({ method: 'POST', url: '/a', headers: { 'idempotency-key': 'k' } })
+    return lines.filter((line) => line.msg.includes('no `scope` is set'))
+  }
+  const unscoped = await scopeWarnings({})
+  t.equal(unscoped.length, 1, 'warned once, not per route or request')
+  t.equal(unscoped[0].level, WARN)
+  t.match(unscoped[0].msg, /gets that client's saved response/)
+  t.equal((await scopeWarnings({ mode: 'required' })).length, 1)
+  t.equal((await scopeWarnings({ scope: () => 'tenant' })).length, 0, 'no warning with a scope')
+  t.equal((await scopeWarnings({ mode: 'exempt' })).length, 0, 'no warning when routes must opt in')
 })

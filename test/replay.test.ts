@@ -219,6 +219,22 @@ test('headers that describe one transmission, cookies and hop-by-hop headers are
   t.equal(replay.body, '{"ok":true}')
 })
 
+test('replaySetCookie: true saves set-cookie and replays it', async (t) => {
+  const app = await build(t, { replaySetCookie: true })
+  let runs = 0
+  app.post('/', async (_request, reply) => {
+    runs++
+    reply.header('set-cookie', ['session=abc; HttpOnly', 'theme=dark'])
+    return { ok: true }
+  })
+  const first = await post(app, '/', 'k')
+  const replay = await post(app, '/', 'k')
+  t.equal(runs, 1)
+  t.equal(replay.headers['idempotent-replayed'], 'true')
+  t.same(replay.headers['set-cookie'], first.headers['set-cookie'])
+  t.same(replay.headers['set-cookie'], ['session=abc; HttpOnly', 'theme=dark'])
+})
+
 test('a replay is sent as stored bytes, never through the route serializer, schema or preSerialization again', async (t) => {
   const app = await build(t)
   let runs = 0

@@ -139,6 +139,11 @@ export interface FastifyIdempotencyOptions {
   /** Adds `x-request-start-time` and `x-request-duration-ms` to covered responses. Default false. */
   telemetry?: boolean
   /**
+   * Save `set-cookie` with responses and send it again on replays. Default
+   * false: a cookie is meant for the client that got the first response.
+   */
+  replaySetCookie?: boolean
+  /**
    * `'memory'` (default); `'redis'`: a `RedisStore` on the client that
    * `@fastify/redis` decorates (register it first); or any {@link IdempotencyStore}.
    */
