@@ -1,0 +1,172 @@
+/**
+ * One server under test, in its own process (pinned to its own core by
+ * run.ts). BENCH_CONFIG names the configuration (see shared.ts); every
+ * configuration serves the same `POST /orders`: the same JSON body in, the
+ * same order out (about 200 bytes), 201.
+ *
+ * It listens on 127.0.0.1, port 0, tells its port over IPC, and answers
+ * 'stats' messages with its own `process.cpuUsage()`, memory and handler
+ * counts. run.ts asks between loads, never under load, so the CPU figures
+ * are the server's work on the measured requests and nothing else.
+ *
+ * BENCH_VERIFY=1 also records every key that reaches the server and every
+ * key the handler ran for (a Set each: only for checks, it costs time).
+ */
+import { createServer, type Server } from 'node:http'
+import type { MemoryStore } from '../index.js'
+import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
+import { CONFIGURATIONS, KEY_HEADER, ROUTE, orderFor, type FromServer, type OrderInput, type ServerStats, type ToServer } from './shared.js'
+
+const name = process.env.BENCH_CONFIG ?? ''
+const redisUrl = process.env.BENCH_REDIS_URL
+const verify = process.env.BENCH_VERIFY === '1'
+const configuration = CONFIGURATIONS.find((c) => c.name === name)
+
+let handlerRuns = 0
+let keyedRequests = 0
+const requestKeys = new Set<string>()
+const handlerKeys = new Set<string>()
+let storeSize: (() => number) | undefined
+const closers: Array<() => unknown> = []
+
+/** The route's logic: one handler run, one order. */
+function placeOrder (body: OrderInput, key: unknown): Record<string, unknown> {
+  handlerRuns++
+  if (verify && typeof key === 'string') handlerKeys.add(key)
+  return orderFor(body, handlerRuns)
+}
+
+function seeKey (key: unknown): void {
+  if (typeof key !== 'string') return
+  keyedRequests++
+  requestKeys.add(key)
+}
+
+function send (message: FromServer): void {
+  process.send?.(message)
+}
+
+async function fastifyApp (): Promise<FastifyInstance> {
+  const app = Fastify({ logger: false })
+  if (verify) app.addHook('onRequest', (request, _reply, done) => { seeKey(request.headers[KEY_HEADER]); done() })
+  const route = async (request: FastifyRequest, reply: FastifyReply) => {
+    reply.code(201)
+    return placeOrder(request.body as OrderInput, request.headers[KEY_HEADER])
+  }
+
+  switch (name) {
+    case 'fastify':
+      break
+    case 'idempotency-memory': {
+      const { default: fastifyIdempotency } = await import('../index.js')
+      await app.register(fastifyIdempotency)
+      storeSize = () => (app.idempotency.store as MemoryStore).size
+      break
+    }
+    case 'idempotency-redis': {
+      const { default: fastifyIdempotency } = await import('../index.js')
+      const { default: fastifyRedis } = await import('@fastify/redis')
+      await app.register(fastifyRedis, { url: redisUrl })
+      await app.register(fastifyIdempotency, { store: 'redis' })
+      break
+    }
+    case 'node-idem-memory':
+    case 'node-idem-redis': {
+      const { nodeIdempotencyHooks } = await import('./peers/node-idempotency.js')
+      await nodeIdempotencyHooks(app, name === 'node-idem-redis' ? redisUrl : undefined, closers, (size) => { storeSize = size })
+      break
+    }
+    case 'powertools-redis': {
+      const { powertoolsRoute } = await import('./peers/powertools.js')
+      app.post(ROUTE, await powertoolsRoute(redisUrl as string, placeOrder, closers))
+      return app
+    }
+    case 'rate-limit': {
+      const { default: rateLimit } = await import('@fastify/rate-limit')
+      // A limit no run reaches: every request pays the lookup, none is refused.
+      await app.register(rateLimit, { max: 1_000_000_000, timeWindow: 60_000 })
+      break
+    }
+    default:
+      throw new Error(`unknown Fastify configuration ${name}`)
+  }
+  app.post(ROUTE, route)
+  return app
+}
+
+async function expressServer (): Promise<Server> {
+  const { default: express } = await import('express')
+  const app = express()
+  app.disable('x-powered-by')
+  if (verify) app.use((req, _res, next) => { seeKey(req.headers[KEY_HEADER]); next() })
+  app.use(express.json())
+  if (name === 'express') {
+    app.post(ROUTE, (req, res) => {
+      res.status(201).json(placeOrder(req.body as OrderInput, req.headers[KEY_HEADER]))
+    })
+  } else if (name === 'express-idempotency') {
+    const { idempotency, getSharedIdempotencyService } = await import('express-idempotency')
+    app.post(ROUTE, idempotency(), (req, res) => {
+      // As its README says: the middleware has answered a duplicate; the handler must not run.
+      if (getSharedIdempotencyService().isHit(req)) return
+      res.status(201).json(placeOrder(req.body as OrderInput, req.headers[KEY_HEADER]))
+    })
+  } else {
+    throw new Error(`unknown Express configuration ${name}`)
+  }
+  return createServer(app)
+}
+
+function stats (): ServerStats {
+  const cpu = process.cpuUsage()
+  const memory = process.memoryUsage()
+  return {
+    cpuMicros: cpu.user + cpu.system,
+    handlerRuns,
+    rss: memory.rss,
+    heapUsed: memory.heapUsed,
+    ...(verify ? { keyedRequests, distinctRequestKeys: requestKeys.size, distinctHandlerKeys: handlerKeys.size } : {}),
+    ...(storeSize === undefined ? {} : { storeSize: storeSize() })
+  }
+}
+
+async function main (): Promise<void> {
+  if (configuration === undefined) throw new Error(`BENCH_CONFIG: unknown configuration '${name}'`)
+  if (configuration.redis && redisUrl === undefined) throw new Error(`${name} needs BENCH_REDIS_URL`)
+  let port: number
+  let close: () => Promise<unknown>
+  if (configuration.framework === 'fastify') {
+    const app = await fastifyApp()
+    await app.listen({ host: '127.0.0.1', port: 0 })
+    port = (app.server.address() as { port: number }).port
+    close = () => app.close()
+  } else {
+    const server = await expressServer()
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+    port = (server.address() as { port: number }).port
+    close = () => new Promise((resolve) => {
+      server.close(resolve)
+      server.closeAllConnections()
+    })
+  }
+  process.on('message', (message: ToServer) => {
+    if (message.type === 'stats') send({ type: 'stats', id: message.id, stats: stats() })
+    else if (message.type === 'gc') {
+      (globalThis as { gc?: () => void }).gc?.()
+      send({ type: 'stats', id: message.id, stats: stats() })
+    } else if (message.type === 'stop') {
+      // A clean exit, so that --cpu-prof writes its profile.
+      close().then(async () => {
+        for (const closer of closers) await closer()
+      }).finally(() => process.exit(0))
+    }
+  })
+  process.on('disconnect', () => process.exit(0))
+  send({ type: 'listening', port })
+}
+
+main().catch((err: Error) => {
+  send({ type: 'error', message: err.stack ?? String(err) })
+  process.exitCode = 1
+  setTimeout(() => process.exit(1), 100)
+})

@@ -1,0 +1,127 @@
+/**
+ * What every part of the benchmark agrees on: the configurations, the
+ * scenarios, the request every configuration receives, and the messages the
+ * orchestrator (run.ts), the servers (server.ts) and the load generator
+ * (load.ts) exchange over IPC.
+ */
+
+/** One server set-up under test. `baseline` names the bare framework its ratios are taken against. */
+export interface Configuration {
+  name: string
+  framework: 'fastify' | 'express'
+  baseline: string
+  redis: boolean
+  what: string
+}
+
+export const CONFIGURATIONS: Configuration[] = [
+  { name: 'fastify', framework: 'fastify', baseline: 'fastify', redis: false, what: 'bare Fastify 5 (the limit)' },
+  { name: 'idempotency-memory', framework: 'fastify', baseline: 'fastify', redis: false, what: 'this plugin, memory store (default bound)' },
+  { name: 'idempotency-redis', framework: 'fastify', baseline: 'fastify', redis: true, what: "this plugin, store: 'redis' on @fastify/redis" },
+  { name: 'node-idem-memory', framework: 'fastify', baseline: 'fastify', redis: false, what: '@node-idempotency/core + storage-adapter-memory in Fastify hooks' },
+  { name: 'node-idem-redis', framework: 'fastify', baseline: 'fastify', redis: true, what: '@node-idempotency/core + storage-adapter-redis in Fastify hooks' },
+  { name: 'powertools-redis', framework: 'fastify', baseline: 'fastify', redis: true, what: 'Powertools makeIdempotent + CachePersistenceLayer (@redis/client), fake Lambda context, in a Fastify route' },
+  { name: 'rate-limit', framework: 'fastify', baseline: 'fastify', redis: false, what: '@fastify/rate-limit, memory store (reference: one lookup per request)' },
+  { name: 'express', framework: 'express', baseline: 'express', redis: false, what: 'bare Express 5' },
+  { name: 'express-idempotency', framework: 'express', baseline: 'express', redis: false, what: 'express-idempotency, its default in-memory adapter' }
+]
+
+export type ScenarioName = 'fresh' | 'hot' | 'keys1000' | 'mix'
+
+export interface Scenario {
+  name: ScenarioName
+  what: string
+  /** Keys sent once each before the warm-up, so that the measured requests are replays. */
+  seedKeys: number
+}
+
+export const SCENARIOS: Scenario[] = [
+  { name: 'fresh', what: '(a) every request has a new key', seedKeys: 0 },
+  { name: 'hot', what: '(b) one hot key, replayed', seedKeys: 1 },
+  { name: 'keys1000', what: '(c) 1000 keys, replayed at random', seedKeys: 1000 },
+  { name: 'mix', what: '(d) 90% new keys, 10% retries of recently answered keys', seedKeys: 0 }
+]
+
+export const ROUTE = '/orders'
+export const KEY_HEADER = 'idempotency-key'
+/** The small JSON body every request carries. */
+export const REQUEST_BODY = JSON.stringify({ item: 'sku-4711', quantity: 2, unitPrice: 1999, currency: 'EUR', customer: 'cus_8c1f3b' })
+
+export interface OrderInput {
+  item: string
+  quantity: number
+  unitPrice: number
+  currency: string
+  customer: string
+}
+
+/** The route's logic, shared by every configuration: about 200 bytes of JSON out. */
+export function orderFor (input: OrderInput, sequence: number): Record<string, unknown> {
+  return {
+    id: 'ord_' + sequence.toString(36).padStart(10, '0'),
+    status: 'accepted',
+    item: input.item,
+    quantity: input.quantity,
+    unitPrice: input.unitPrice,
+    total: input.quantity * input.unitPrice,
+    currency: input.currency,
+    customer: input.customer,
+    createdAt: new Date().toISOString()
+  }
+}
+
+/** What a server reports about itself, between two loads. */
+export interface ServerStats {
+  /** process.cpuUsage() user + system, µs, since the process started. */
+  cpuMicros: number
+  handlerRuns: number
+  rss: number
+  heapUsed: number
+  /** With verify on: requests that reached the server with a key, and how many distinct keys they held. */
+  keyedRequests?: number
+  distinctRequestKeys?: number
+  /** With verify on: distinct keys the handler ran for (handlerRuns - this = runs for a key already run). */
+  distinctHandlerKeys?: number
+  /** Records in the store, when the configuration can tell. */
+  storeSize?: number
+}
+
+export type ToServer = { type: 'stats', id: number } | { type: 'gc', id: number } | { type: 'stop' }
+export type FromServer = { type: 'listening', port: number } | { type: 'stats', id: number, stats: ServerStats } | { type: 'error', message: string }
+
+export interface LoadRequest {
+  type: 'run'
+  id: number
+  url: string
+  scenario: ScenarioName
+  /** Seconds of load; ignored when `amount` is set. */
+  duration: number
+  amount?: number
+  connections: number
+  /** Key prefix that no other load of this run uses. */
+  prefix: string
+  /** For 'seed': send these keys once each, in order. */
+  seed?: boolean
+  /** Ask for a 'progress' message every this many responses. */
+  progressEvery?: number
+}
+
+export interface LoadResult {
+  requests: number
+  non2xx: number
+  errors: number
+  timeouts: number
+  seconds: number
+  rps: number
+  /** Latency percentiles in ms, at 10 µs resolution. */
+  p50: number
+  p99: number
+  /** Keys handed out by setupRequest (fresh keys plus retries). */
+  keysSent: number
+  /** The load generator's own CPU (user + system) during the run, µs. */
+  cpuMicros: number
+  statusCodes: Record<string, number>
+}
+
+export type ToLoad = LoadRequest | { type: 'exit' }
+export type FromLoad = { type: 'ready' } | { type: 'result', id: number, result: LoadResult } | { type: 'progress', id: number, responses: number } | { type: 'error', id: number, message: string }
