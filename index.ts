@@ -4,10 +4,14 @@
  */
 import fp from 'fastify-plugin'
 import type { FastifyPluginAsync, FastifyReply, RouteOptions } from 'fastify'
-import { createHooks } from './lib/hooks.js'
+import { InvalidOptionError } from './lib/errors.js'
+import { createHooks, logKeyOf } from './lib/hooks.js'
 import { LeaseKeeper } from './lib/leases.js'
 import { resolveOptions } from './lib/options.js'
+import { documentRoute } from './lib/openapi.js'
 import { resolveRoute } from './lib/route-config.js'
+import { Stats } from './lib/stats.js'
+import { statsHandler } from './lib/stats-page.js'
 import { NO_KEY, kState, type StatefulReply } from './lib/state.js'
 import { Stores } from './lib/stores/index.js'
 import type { FastifyIdempotencyOptions } from './types/index.js'
@@ -23,13 +27,15 @@ const plugin: FastifyPluginAsync<FastifyIdempotencyOptions> = async (fastify, op
   const settings = resolveOptions(options)
   const stores = new Stores(fastify, settings)
   const store = stores.main
-  const leases = new LeaseKeeper(settings.lockTtl)
+  const leases = new LeaseKeeper(settings.lockTtl, logKeyOf(settings))
   const hooks = createHooks(settings, leases)
+  const stats = new Stats(store, settings.stats || { ttl: 1, flushInterval: 1000, warnRecords: Infinity },
+    (err) => fastify.log.error({ err }, 'fastify-idempotency: stats could not be saved'))
   if (settings.scope === undefined && settings.mode !== 'exempt') {
     fastify.log.warn('fastify-idempotency: no `scope` is set, so keys are shared by every client: a client that sends another client\'s key gets that client\'s saved response. Set `scope` to the authenticated principal (see the README, "Scope").')
   }
 
-  fastify.decorate('idempotency', { store })
+  fastify.decorate('idempotency', { store, stats: () => stats.read() })
   fastify.decorateReply(kState, null)
   fastify.decorateReply('idempotency', {
     getter (this: FastifyReply) {
@@ -38,18 +44,26 @@ const plugin: FastifyPluginAsync<FastifyIdempotencyOptions> = async (fastify, op
   })
 
   fastify.addHook('onRoute', (route: RouteOptions) => {
-    const routeSettings = resolveRoute(route, settings, stores)
+    const routeSettings = resolveRoute(route, settings, stores, settings.stats === false ? undefined : stats)
     if (routeSettings === undefined) return
+    if (fastify.hasDecorator('swagger')) documentRoute(route, routeSettings, settings)
     route.onRequest = [hooks.checkHeader(routeSettings), ...asArray(route.onRequest)] // first: the route's own hooks see the key
     route.preHandler = [...asArray(route.preHandler), hooks.claimKey]
     route.handler = hooks.trackHandler(route.handler)
   })
   fastify.addHook('onSend', hooks.saveReply)
-  fastify.addHook('onClose', (_instance, done) => {
+  fastify.addHook('onClose', async () => {
     leases.close()
+    await stats.close()
     stores.close()
-    done()
   })
+
+  if (settings.stats !== false && settings.stats.route !== undefined) {
+    if (settings.stats.preHandler.length === 0) {
+      throw new InvalidOptionError('stats.preHandler', 'is required with stats.route: give the application\'s authentication, so that the stats page is never open by accident')
+    }
+    fastify.get(settings.stats.route, { preHandler: settings.stats.preHandler, config: { idempotency: false } }, statsHandler)
+  }
 }
 
 function asArray<T> (value: T | T[] | undefined): T[] {

@@ -9,12 +9,15 @@
  * Route hooks are built once per covered route; `saveReply` is one global
  * `onSend` that returns at once for requests it does not own.
  */
+import { hash } from 'node:crypto'
 import { setTimeout as sleep } from 'node:timers/promises'
 import type {
   FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction, RouteHandlerMethod
 } from 'fastify'
 import { FingerprintMismatchError, InFlightError, KeyMissingError, StoreUnavailableError } from './errors.js'
 import { parseKey } from './header.js'
+import { defaultKeyEncoder } from './key-encoder.js'
+import { sendProblem } from './problem.js'
 import type { LeaseKeeper } from './leases.js'
 import type { PluginSettings } from './options.js'
 import { captureResponse, replayResponse } from './response.js'
@@ -22,14 +25,45 @@ import type { RouteSettings } from './route-config.js'
 import {
   DONE, IN_CALL, RUNNING_ASYNC, RUNNING_CALLBACK, RequestState, kState, type StatefulReply
 } from './state.js'
-import type { ClaimResult, StoredResponse } from '../types/index.js'
+import type { ClaimResult, IdempotencyEvent, StoredResponse } from '../types/index.js'
+
+type RequestError = Error & { code: string, statusCode: number }
+
+/** A claim attempt failed in the store and the policy is fail-closed. */
+const STORE_FAILED = Symbol('store failed')
 
 /** First and longest pause between two looks at an in-flight original, in ms. */
 const FIRST_POLL = 5
 const LONGEST_POLL = 100
 
+/**
+ * How logs name a key: the store key when it is the default SHA-256, a hash
+ * of it when a custom encoder may have put the client's key in it.
+ */
+export function logKeyOf (settings: PluginSettings): (state: RequestState) => string {
+  if (settings.keyEncoder === defaultKeyEncoder) return (state) => state.storeKey
+  return (state) => 'sha256:' + hash('sha256', state.storeKey, 'base64url')
+}
+
 export function createHooks (settings: PluginSettings, leases: LeaseKeeper) {
-  const { header, keyRules, keyEncoder, lockTtl, replayHeader, telemetry, inFlightWait, unsavedHeaders } = settings
+  const { header, keyRules, keyEncoder, lockTtl, replayHeader, telemetry, inFlightWait, unsavedHeaders, problemJson } = settings
+  const logKey = logKeyOf(settings)
+
+  /** Answers with one of the plugin's errors, through Fastify's error handler or as problem+json. */
+  function reject (reply: FastifyReply, error: RequestError): FastifyReply {
+    if (problemJson) return sendProblem(reply, error)
+    throw error
+  }
+
+  /** Calls an event callback; one that throws is logged and never breaks the request. */
+  function emit (event: IdempotencyEvent | undefined, state: RequestState): void {
+    if (event === undefined) return
+    try {
+      event(state.request, state.key as string)
+    } catch (err) {
+      state.request.log.error({ err, idempotencyKey: logKey(state) }, 'idempotency: an event callback threw')
+    }
+  }
 
   /** onRequest: the key is parsed and validated before the body is read. */
   function checkHeader (route: RouteSettings) {
@@ -42,13 +76,22 @@ export function createHooks (settings: PluginSettings, leases: LeaseKeeper) {
         state.startMark = performance.now()
       }
       const raw = request.headers[header]
-      if (raw === undefined) return done(route.required ? new KeyMissingError(header) : undefined)
-      try {
-        state.key = parseKey(raw, keyRules)
-      } catch (err) {
-        return done(err as Error)
+      let error: RequestError | undefined
+      if (raw === undefined) {
+        if (!route.required) return done()
+        route.counters.missingKeys++
+        error = new KeyMissingError(header)
+      } else {
+        try {
+          state.key = parseKey(raw, keyRules)
+          return done()
+        } catch (err) {
+          route.counters.invalidKeys++
+          error = err as RequestError
+        }
       }
-      done()
+      if (problemJson) sendProblem(reply, error) // answered: the hook chain stops here
+      else done(error)
     }
   }
 
@@ -71,10 +114,15 @@ export function createHooks (settings: PluginSettings, leases: LeaseKeeper) {
     const deadline = inFlightWait > 0 ? Date.now() + inFlightWait : 0
     let pause = FIRST_POLL
     for (;;) {
-      const result = await claimOrFail(state, fingerprint, reply)
+      const result = await claimOrFail(state, fingerprint)
       if (result === undefined) return // the store failed and the policy is fail-open: run without idempotency
+      if (result === STORE_FAILED) {
+        reply.header('retry-after', '1')
+        return reject(reply, new StoreUnavailableError())
+      }
       if (result.token !== undefined) {
         state.token = result.token
+        route.counters.executed++
         leases.hold(state)
         // The reply went out while the claim was pending (a handler timeout): Fastify will not run the handler.
         if (reply.sent) await release(state)
@@ -82,13 +130,21 @@ export function createHooks (settings: PluginSettings, leases: LeaseKeeper) {
       }
       const record = result.record
       if (fingerprint !== undefined && record.fingerprint !== undefined && record.fingerprint !== fingerprint) {
-        throw new FingerprintMismatchError()
+        route.counters.mismatches++
+        route.counters.lastDuplicateAt = Date.now()
+        request.log.warn({ idempotencyKey: logKey(state) }, 'idempotency: key reused with a different request (422)')
+        emit(route.events.onMismatch, state)
+        return reject(reply, new FingerprintMismatchError())
       }
       if (record.state === 'completed') {
+        route.counters.replayed++
+        route.counters.lastDuplicateAt = Date.now()
         state.exists = true
         state.response = record.response
         if (route.manual) return // the handler decides what a duplicate gets
         state.replayed = true
+        request.log.debug({ idempotencyKey: logKey(state) }, 'idempotency: replayed a saved response')
+        emit(route.events.onReplay, state)
         return replayResponse(reply, record.response, route, replayHeader)
       }
       // In flight: wait for the original to complete or release the key, up to inFlight.wait.
@@ -97,10 +153,14 @@ export function createHooks (settings: PluginSettings, leases: LeaseKeeper) {
       // notifications), and a waiter that finds the key released claims it in that step.
       const left = deadline - Date.now()
       if (left <= 0) {
-        const err: Error & { statusCode: number } = new InFlightError()
+        route.counters.conflicts++
+        route.counters.lastDuplicateAt = Date.now()
+        request.log.info({ idempotencyKey: logKey(state) }, 'idempotency: the original request is still in flight')
+        emit(route.events.onConflict, state)
+        const err: RequestError = new InFlightError()
         err.statusCode = settings.inFlightStatus
         reply.header('retry-after', '1')
-        throw err
+        return reject(reply, err)
       }
       await sleep(Math.min(pause, left))
       if (reply.sent) return // answered meanwhile (a handler timeout): stop waiting
@@ -108,17 +168,29 @@ export function createHooks (settings: PluginSettings, leases: LeaseKeeper) {
     }
   }
 
-  /** One claim attempt; a store failure is answered by the route's policy (undefined: fail-open). */
-  async function claimOrFail (state: RequestState, fingerprint: string | undefined, reply: FastifyReply): Promise<ClaimResult | undefined> {
+  /**
+   * One claim attempt. A store failure is answered by the route's policy:
+   * undefined (fail-open: run without idempotency) or STORE_FAILED (fail-closed).
+   */
+  async function claimOrFail (state: RequestState, fingerprint: string | undefined): Promise<ClaimResult | typeof STORE_FAILED | undefined> {
+    const { route, request } = state
     try {
-      return await state.route.store.claim(state.storeKey, fingerprint, lockTtl)
+      return await route.store.claim(state.storeKey, fingerprint, lockTtl)
     } catch (err) {
-      const failOpen = state.route.onStoreError === 'fail-open'
-      state.request.log.error({ err, idempotencyKey: state.storeKey },
+      route.counters.storeErrors++
+      let policy = route.storeErrorPolicy
+      if (route.events.onStoreError !== undefined) {
+        try {
+          const chosen = route.events.onStoreError(request, state.key as string, err)
+          if (chosen === 'fail-open' || chosen === 'fail-closed') policy = chosen
+        } catch (callbackError) {
+          request.log.error({ err: callbackError, idempotencyKey: logKey(state) }, 'idempotency: an event callback threw')
+        }
+      }
+      const failOpen = policy === 'fail-open'
+      request.log.error({ err, idempotencyKey: logKey(state) },
         failOpen ? 'idempotency: store failed; running the handler without idempotency (fail-open)' : 'idempotency: store failed; request refused (fail-closed)')
-      if (failOpen) return undefined
-      reply.header('retry-after', '1')
-      throw new StoreUnavailableError()
+      return failOpen ? undefined : STORE_FAILED
     }
   }
 
@@ -179,7 +251,7 @@ export function createHooks (settings: PluginSettings, leases: LeaseKeeper) {
     if (state.route.storeOnStatuses.has(reply.statusCode)) {
       const response = captureResponse(reply, payload, unsavedHeaders)
       if (response !== undefined) return save(state, response)
-      state.request.log.warn({ idempotencyKey: state.storeKey }, 'idempotency: the response payload cannot be saved (a stream?); the claim is released')
+      state.request.log.warn({ idempotencyKey: logKey(state) }, 'idempotency: the response payload cannot be saved (a stream?); the claim is released')
     }
     if (state.phase === RUNNING_ASYNC || state.phase === IN_CALL) {
       state.releaseWhenDone = true
@@ -192,10 +264,10 @@ export function createHooks (settings: PluginSettings, leases: LeaseKeeper) {
     const token = takeClaim(state)
     try {
       if (!await state.route.store.complete(state.storeKey, token, response, state.route.ttl)) {
-        state.request.log.error({ idempotencyKey: state.storeKey }, 'idempotency: the claim was lost before the response could be saved (lease expired); the response was not saved')
+        state.request.log.error({ idempotencyKey: logKey(state) }, 'idempotency: the claim was lost before the response could be saved (lease expired); the response was not saved')
       }
     } catch (err) {
-      state.request.log.error({ err, idempotencyKey: state.storeKey }, 'idempotency: the response could not be saved; the claim expires after lockTtl')
+      state.request.log.error({ err, idempotencyKey: logKey(state) }, 'idempotency: the response could not be saved; the claim expires after lockTtl')
     }
   }
 
@@ -204,7 +276,7 @@ export function createHooks (settings: PluginSettings, leases: LeaseKeeper) {
     try {
       await state.route.store.release(state.storeKey, token)
     } catch (err) {
-      state.request.log.error({ err, idempotencyKey: state.storeKey }, 'idempotency: the claim could not be released; it expires after lockTtl')
+      state.request.log.error({ err, idempotencyKey: logKey(state) }, 'idempotency: the claim could not be released; it expires after lockTtl')
     }
   }
 

@@ -11,9 +11,11 @@ import { defaultFingerprint } from './fingerprint.js'
 import { defaultKeyEncoder } from './key-encoder.js'
 import type { KeyRules } from './header.js'
 import { unsavedHeaders } from './response.js'
+import type { preHandlerHookHandler } from 'fastify'
+import type { StatsSettings } from './stats.js'
 import type {
-  FastifyIdempotencyOptions, FingerprintFunction, IdempotencyMode, IdempotencyStore,
-  KeyEncoder, ScopeFunction, StoreErrorPolicy
+  FastifyIdempotencyOptions, FingerprintFunction, IdempotencyEvent, IdempotencyMode, IdempotencyRouteOptions,
+  IdempotencyStore, KeyEncoder, ScopeFunction, StoreErrorEvent, StoreErrorPolicy
 } from '../types/index.js'
 
 if (!TypeRegistry.Has('IdempotencyRegExp')) {
@@ -38,9 +40,12 @@ export const shared = {
     errorMessage: 'must be a boolean or a function (request) => string'
   }),
   scope: fn('must be a function (request) => string | undefined'),
-  onStoreError: Type.Union([Type.Literal('fail-closed'), Type.Literal('fail-open')], {
-    errorMessage: 'must be \'fail-closed\' or \'fail-open\''
+  onStoreError: Type.Union([Type.Literal('fail-closed'), Type.Literal('fail-open'), fn('')], {
+    errorMessage: 'must be \'fail-closed\', \'fail-open\' or a function (request, key, error) => policy'
   }),
+  onReplay: fn('must be a function (request, key) => void'),
+  onConflict: fn('must be a function (request, key) => void'),
+  onMismatch: fn('must be a function (request, key) => void'),
   redisNamespace: Type.String({ minLength: 1, errorMessage: 'must be the non-empty name of a @fastify/redis namespace' })
 }
 
@@ -84,7 +89,20 @@ const optionsSchema = Type.Partial(Type.Object({
   }),
   redisNamespace: shared.redisNamespace,
   storeTimeout: Type.Integer({ minimum: 1, errorMessage: 'must be a positive integer (ms)' }),
-  onStoreError: shared.onStoreError
+  onStoreError: shared.onStoreError,
+  onReplay: shared.onReplay,
+  onConflict: shared.onConflict,
+  onMismatch: shared.onMismatch,
+  errors: Type.Union([Type.Literal('fastify'), Type.Literal('problem+json')], {
+    errorMessage: 'must be \'fastify\' or \'problem+json\''
+  }),
+  stats: Type.Union([Type.Literal(false), Type.Object({
+    ttl: Type.Optional(Type.Integer({ minimum: 1, errorMessage: 'must be a positive integer (ms)' })),
+    flushInterval: Type.Optional(Type.Integer({ minimum: 1, errorMessage: 'must be a positive integer (ms)' })),
+    route: Type.Optional(Type.String({ pattern: '^/', errorMessage: 'must be a path starting with /' })),
+    preHandler: Type.Optional(Type.Union([fn(''), Type.Array(fn(''))], { errorMessage: 'must be a preHandler hook or an array of them' })),
+    warnRecords: Type.Optional(Type.Integer({ minimum: 0, errorMessage: 'must be an integer of at least 0' }))
+  }, { additionalProperties: false })], { errorMessage: 'must be false or an object { ttl, flushInterval, route, preHandler, warnRecords }' })
 }), { additionalProperties: false })
 
 /** An `endpoints` entry: an optional method (`*` for any) and a path prefix. */
@@ -116,7 +134,35 @@ export interface PluginSettings {
   store: 'memory' | 'redis' | IdempotencyStore
   redisNamespace: string | undefined
   storeTimeout: number
-  onStoreError: StoreErrorPolicy
+  storeErrorPolicy: StoreErrorPolicy
+  events: Events
+  problemJson: boolean
+  stats: (StatsSettings & { route: string | undefined, preHandler: preHandlerHookHandler[] }) | false
+}
+
+/** The event callbacks of a route (or of the plugin). */
+export interface Events {
+  onReplay: IdempotencyEvent | undefined
+  onConflict: IdempotencyEvent | undefined
+  onMismatch: IdempotencyEvent | undefined
+  onStoreError: StoreErrorEvent | undefined
+}
+
+/** The events of `options`, falling back to `inherited` for each one it does not set. */
+export function resolveEvents (options: FastifyIdempotencyOptions | IdempotencyRouteOptions, inherited?: Events): Events {
+  const onStoreError = typeof options.onStoreError === 'function' ? options.onStoreError : undefined
+  return {
+    onReplay: options.onReplay ?? inherited?.onReplay,
+    onConflict: options.onConflict ?? inherited?.onConflict,
+    onMismatch: options.onMismatch ?? inherited?.onMismatch,
+    onStoreError: options.onStoreError === undefined ? inherited?.onStoreError : onStoreError
+  }
+}
+
+/** The policy that `onStoreError` names; a function's policy is decided per failure. */
+export function storeErrorPolicy (option: StoreErrorPolicy | StoreErrorEvent | undefined, inherited: StoreErrorPolicy = 'fail-closed'): StoreErrorPolicy {
+  if (option === undefined) return inherited
+  return typeof option === 'function' ? 'fail-closed' : option
 }
 
 const DEFAULT_STATUSES = [200, 201, 202, 203, 204, 205, 206, 207]
@@ -155,7 +201,18 @@ export function resolveOptions (options: FastifyIdempotencyOptions): PluginSetti
     store: options.store ?? 'memory',
     redisNamespace: options.redisNamespace,
     storeTimeout: options.storeTimeout ?? 2000,
-    onStoreError: options.onStoreError ?? 'fail-closed'
+    storeErrorPolicy: storeErrorPolicy(options.onStoreError),
+    events: resolveEvents(options),
+    problemJson: options.errors === 'problem+json',
+    stats: options.stats === false
+      ? false
+      : {
+          ttl: options.stats?.ttl ?? 7 * 24 * 60 * 60 * 1000,
+          flushInterval: options.stats?.flushInterval ?? 1000,
+          warnRecords: options.stats?.warnRecords ?? 100_000,
+          route: options.stats?.route,
+          preHandler: [options.stats?.preHandler ?? []].flat()
+        }
   }
 }
 

@@ -6,9 +6,10 @@
 import { Type } from '@sinclair/typebox'
 import type { RouteOptions } from 'fastify'
 import { InvalidRouteConfigError } from './errors.js'
-import { check, resolveFingerprint, shared, type PluginSettings } from './options.js'
+import { check, resolveEvents, resolveFingerprint, shared, storeErrorPolicy, type Events, type PluginSettings } from './options.js'
 import type { Stores } from './stores/index.js'
-import type { FingerprintFunction, IdempotencyRouteOptions, IdempotencyStore, ScopeFunction, StoreErrorPolicy } from '../types/index.js'
+import { emptyCounters, type Stats } from './stats.js'
+import type { FingerprintFunction, IdempotencyRouteOptions, IdempotencyStore, RouteCounters, ScopeFunction, StoreErrorPolicy } from '../types/index.js'
 
 const routeObjectSchema = Type.Partial(Type.Object({
   required: Type.Boolean(),
@@ -19,6 +20,9 @@ const routeObjectSchema = Type.Partial(Type.Object({
   fingerprint: shared.fingerprint,
   scope: shared.scope,
   onStoreError: shared.onStoreError,
+  onReplay: shared.onReplay,
+  onConflict: shared.onConflict,
+  onMismatch: shared.onMismatch,
   redisNamespace: shared.redisNamespace
 }), { additionalProperties: false })
 const routeSchema = Type.Union([Type.Boolean(), routeObjectSchema], { errorMessage: 'must be true, false or an object of route options' })
@@ -34,12 +38,17 @@ export interface RouteSettings {
   conflictStatusCode: number | null
   fingerprint: FingerprintFunction | undefined
   scope: ScopeFunction | undefined
-  onStoreError: StoreErrorPolicy
+  storeErrorPolicy: StoreErrorPolicy
+  events: Events
   store: IdempotencyStore
+  /** `'POST /orders'`: how stats and logs name the route. */
+  name: string
+  /** This route's pending stats counters. */
+  counters: RouteCounters
 }
 
 /** The settings of `route`, or undefined when the plugin leaves it alone. */
-export function resolveRoute (route: RouteOptions, plugin: PluginSettings, stores: Stores): RouteSettings | undefined {
+export function resolveRoute (route: RouteOptions, plugin: PluginSettings, stores: Stores, stats: Stats | undefined): RouteSettings | undefined {
   const config: unknown = route.config?.idempotency
   if (config === false) return undefined
   const routeMethods = (Array.isArray(route.method) ? route.method : [route.method]).map((m) => m.toUpperCase())
@@ -76,7 +85,10 @@ export function resolveRoute (route: RouteOptions, plugin: PluginSettings, store
     conflictStatusCode: options.conflictStatusCode === undefined ? plugin.conflictStatusCode : options.conflictStatusCode,
     fingerprint: options.fingerprint === undefined ? plugin.fingerprint : resolveFingerprint(options.fingerprint),
     scope: options.scope ?? plugin.scope,
-    onStoreError: options.onStoreError ?? plugin.onStoreError,
-    store: stores.forRoute(options.redisNamespace, (message) => new InvalidRouteConfigError(name, 'redisNamespace', message))
+    storeErrorPolicy: storeErrorPolicy(options.onStoreError, plugin.storeErrorPolicy),
+    events: resolveEvents(options, plugin.events),
+    store: stores.forRoute(options.redisNamespace, (message) => new InvalidRouteConfigError(name, 'redisNamespace', message)),
+    name: `${[...methods].join(',')} ${route.url}`,
+    counters: stats === undefined ? emptyCounters() : stats.counters(`${[...methods].join(',')} ${route.url}`)
   }
 }

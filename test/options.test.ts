@@ -56,7 +56,7 @@ test('invalid options are refused at registration, naming the option', async (t)
     [{ telemetry: 'yes' }, 'telemetry', 'Expected boolean'],
     [{ store: 'disk' }, 'store', 'an object with claim, complete, release and renew methods'],
     [{ store: { claim () {}, complete () {}, release () {} } }, 'store', 'an object with claim, complete, release and renew methods'],
-    [{ onStoreError: 'ignore' }, 'onStoreError', 'must be \'fail-closed\' or \'fail-open\''],
+    [{ onStoreError: 'ignore' }, 'onStoreError', 'must be \'fail-closed\', \'fail-open\' or a function (request, key, error) => policy'],
     [{ headr: 'idempotency-key' }, 'headr', 'unknown option']
   ]
   for (const [options, path, message] of cases) {

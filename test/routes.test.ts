@@ -203,7 +203,7 @@ test('invalid route config throws when the route is added, naming the route and 
     [{ conflictStatusCode: 100 }, 'conflictStatusCode: must be an HTTP status code from 200 to 599, or null'],
     [{ fingerprint: 'body' }, 'fingerprint: must be a boolean or a function (request) => string'],
     [{ scope: 'tenant' }, 'scope: must be a function (request) => string | undefined'],
-    [{ onStoreError: 'retry' }, 'onStoreError: must be \'fail-closed\' or \'fail-open\''],
+    [{ onStoreError: 'retry' }, 'onStoreError: must be \'fail-closed\', \'fail-open\' or a function (request, key, error) => policy'],
     [{ lockTtl: 10 }, 'lockTtl: unknown option']
   ]
   for (const [config, message] of cases) {

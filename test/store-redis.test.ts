@@ -102,7 +102,7 @@ withRedis(t, (t) => {
     const first = new RedisStore({ client, prefix: uniquePrefix('shared-a') })
     const scripts = (client as unknown as { scriptsSet: Record<string, unknown> }).scriptsSet
     const names = Object.keys(scripts)
-    t.equal(names.length, 4, 'claim, complete, release and renew')
+    t.equal(names.length, 5, 'claim, complete, release, renew and the stats script')
     const defined = names.map((name) => scripts[name])
     const second = new RedisStore({ client, prefix: uniquePrefix('shared-b') })
     t.strictSame(Object.keys(scripts), names, 'no new command')

@@ -3,7 +3,7 @@
  * config, `reply.idempotency`, the store interface, and the augmentation of
  * Fastify's own types.
  */
-import type { FastifyRequest } from 'fastify'
+import type { FastifyRequest, preHandlerHookHandler } from 'fastify'
 
 /** What a route does with the idempotency header when its own config says nothing. */
 export type IdempotencyMode = 'optional' | 'required' | 'exempt'
@@ -69,6 +69,87 @@ export interface IdempotencyStore {
   renew (key: string, token: string, lockTtl: number): MaybePromise<boolean>
   /** Called on `onClose` for stores the plugin created itself. */
   close? (): MaybePromise<void>
+  /**
+   * Adds counts to the stats that every process shares, kept `ttl` ms after
+   * the last change. Stores without it (the memory store) leave the plugin to
+   * keep stats in-process.
+   */
+  addStats? (counts: StatsCounts, ttl: number): MaybePromise<void>
+  /** The shared stats, as `addStats` summed them. */
+  readStats? (): MaybePromise<StatsCounts>
+  /** How much the store holds. */
+  usage? (): MaybePromise<StoreUsage>
+}
+
+/** The counters of one route. */
+export interface RouteCounters {
+  /** Requests that claimed their key and ran the handler. */
+  executed: number
+  /** Duplicates of completed requests: replayed (or, on manual routes, handed to the handler). */
+  replayed: number
+  /** Duplicates of requests still in flight (409/423). */
+  conflicts: number
+  /** Keys reused with a different request (422). */
+  mismatches: number
+  /** Required keys that were not sent (400). */
+  missingKeys: number
+  /** Keys that were malformed (400). */
+  invalidKeys: number
+  /** Requests whose claim failed in the store. */
+  storeErrors: number
+  /** When the last duplicate (replay, conflict or mismatch) arrived, in ms since the epoch; 0 if none. */
+  lastDuplicateAt: number
+}
+
+/** Counters per route name (`'POST /orders'`). */
+export type StatsCounts = Record<string, RouteCounters>
+
+/** What a store holds. */
+export interface StoreUsage {
+  /** Records (claims and saved responses). */
+  records: number
+  /** Memory that the records use, in bytes, when the store can tell. */
+  bytes: number | undefined
+  /** The figures are estimated from a sample (a big Redis keyspace is never listed whole). */
+  estimated: boolean
+}
+
+/** `await fastify.idempotency.stats()` */
+export interface IdempotencyStats {
+  /** Routes, most duplicates first. */
+  routes: Array<RouteCounters & {
+    route: string
+    /** `replayed + conflicts + mismatches` */
+    duplicates: number
+  }>
+  /** Every route's counters summed (`lastDuplicateAt`: the latest). */
+  totals: RouteCounters & { duplicates: number }
+  store: StoreUsage
+  /** Set when the store holds more than `stats.warnRecords` records. */
+  warning: string | undefined
+}
+
+/** Called when something happens to a key (the client's key, never the stored body). */
+export type IdempotencyEvent = (request: FastifyRequest, key: string) => void
+
+/**
+ * Called when the store fails. It may return the policy for this request;
+ * when it returns nothing, the request is refused (`'fail-closed'`).
+ */
+export type StoreErrorEvent = (request: FastifyRequest, key: string, error: unknown) => StoreErrorPolicy | undefined | void
+
+/** The `stats` option. */
+export interface StatsOptions {
+  /** How long counters are kept after their last change, in ms. Default 7 days. */
+  ttl?: number
+  /** How often counters are sent to a shared store (Redis), in ms. Default 1000. */
+  flushInterval?: number
+  /** Serve the stats page at this path (GET). Off by default. */
+  route?: string
+  /** Required with `route`: the application's authentication for the stats page. */
+  preHandler?: preHandlerHookHandler | preHandlerHookHandler[]
+  /** The page warns when the store holds more records than this. Default 100 000. */
+  warnRecords?: number
 }
 
 /** The parts a store key is built from; see the `keyEncoder` option. */
@@ -152,8 +233,23 @@ export interface FastifyIdempotencyOptions {
   redisNamespace?: string
   /** With `store: 'redis'`: how long one store operation may take before it counts as a failure, in ms. Default 2000. */
   storeTimeout?: number
-  /** What happens when the store fails. Default `'fail-closed'` (503). */
-  onStoreError?: StoreErrorPolicy
+  /**
+   * What happens when the store fails: `'fail-closed'` (default: 503, the
+   * handler does not run), `'fail-open'` (the handler runs without
+   * idempotency), or a function called with the error, whose return value
+   * picks the policy (nothing: fail-closed).
+   */
+  onStoreError?: StoreErrorPolicy | StoreErrorEvent
+  /** Called when a duplicate is answered with a saved response. */
+  onReplay?: IdempotencyEvent
+  /** Called when a duplicate arrives while the original is still in flight (409/423). */
+  onConflict?: IdempotencyEvent
+  /** Called when a key is reused with a different request (422). */
+  onMismatch?: IdempotencyEvent
+  /** The body of the plugin's own errors: Fastify's shape (default) or RFC 9457 `application/problem+json`. */
+  errors?: 'fastify' | 'problem+json'
+  /** Counters per route and outcome, and the optional stats page; `false` turns counting off. */
+  stats?: StatsOptions | false
 }
 
 /** Per-route options, in `config.idempotency`. Given fields override the plugin options. */
@@ -167,7 +263,10 @@ export interface IdempotencyRouteOptions {
   conflictStatusCode?: number | null
   fingerprint?: boolean | FingerprintFunction
   scope?: ScopeFunction
-  onStoreError?: StoreErrorPolicy
+  onStoreError?: StoreErrorPolicy | StoreErrorEvent
+  onReplay?: IdempotencyEvent
+  onConflict?: IdempotencyEvent
+  onMismatch?: IdempotencyEvent
   /** Keep this route's records in `fastify.redis[redisNamespace]` (a `@fastify/redis` namespace). */
   redisNamespace?: string
 }
@@ -188,6 +287,8 @@ export interface IdempotencyReplyState {
 export interface IdempotencyDecorator {
   /** The store the plugin uses. */
   readonly store: IdempotencyStore
+  /** Counters per route and outcome (summed across processes on a shared store), and the store's size. */
+  stats (): Promise<IdempotencyStats>
 }
 
 declare module 'fastify' {

@@ -26,7 +26,8 @@
 import { createHash, randomBytes } from 'node:crypto'
 import { StoreTimeoutError } from '../errors.js'
 import type { Cluster, Redis } from 'ioredis'
-import type { ClaimResult, IdempotencyStore, StoredResponse } from '../../types/index.js'
+import { COUNTERS, emptyCounters } from '../stats.js'
+import type { ClaimResult, IdempotencyStore, StatsCounts, StoredResponse, StoreUsage } from '../../types/index.js'
 
 export interface RedisStoreOptions {
   /** An ioredis client or Cluster; the application owns it (`close()` leaves it connected). */
@@ -95,12 +96,34 @@ function commandName (name: string, lua: string): string {
   return `idempotency_${name}_${createHash('sha1').update(lua).digest('hex').slice(0, 12)}`
 }
 
+/**
+ * KEYS[1] the stats hash; ARGV ttl, then pairs of field and count. Fields are
+ * `route\ncounter`; `...\nlastDuplicateAt` keeps the latest time, the others add.
+ */
+const ADD_STATS = `
+for i = 2, #ARGV, 2 do
+  local field, n = ARGV[i], tonumber(ARGV[i + 1])
+  if string.sub(field, -16) == '\nlastDuplicateAt' then
+    if n > tonumber(redis.call('HGET', KEYS[1], field) or '0') then redis.call('HSET', KEYS[1], field, ARGV[i + 1]) end
+  else
+    redis.call('HINCRBY', KEYS[1], field, n)
+  end
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+`
+
 const COMMANDS = {
   claim: commandName('claim', CLAIM),
   complete: commandName('complete', COMPLETE),
   release: commandName('release', RELEASE),
-  renew: commandName('renew', RENEW)
+  renew: commandName('renew', RENEW),
+  addStats: commandName('stats', ADD_STATS)
 }
+
+/** Above this many keys on a node, usage() samples rather than scans. */
+const SCAN_LIMIT = 1000
+const SAMPLE = 100
 
 type ClaimReply = [0] | [1, number, Buffer] | [2, number, Buffer, number, Buffer, Buffer]
 
@@ -117,7 +140,10 @@ export class RedisStore implements IdempotencyStore {
   readonly prefix: string
   readonly timeout: number
   private readonly client: ScriptedClient
+  private readonly redis: Redis | Cluster
   private readonly claimCommand: string
+  /** One hash holds every route's counters (a hash tag keeps it on one Cluster slot). */
+  private readonly statsKey: string
 
   constructor (options: RedisStoreOptions) {
     const { client, prefix = 'idempotency:', timeout = 2000 } = options ?? {}
@@ -126,10 +152,12 @@ export class RedisStore implements IdempotencyStore {
     }
     if (typeof prefix !== 'string') throw new TypeError('RedisStore: prefix must be a string')
     if (!Number.isInteger(timeout) || timeout < 1) throw new TypeError('RedisStore: timeout must be a positive integer (ms)')
-    for (const [name, lua] of [[COMMANDS.claim, CLAIM], [COMMANDS.complete, COMPLETE], [COMMANDS.release, RELEASE], [COMMANDS.renew, RENEW]]) {
+    for (const [name, lua] of [[COMMANDS.claim, CLAIM], [COMMANDS.complete, COMPLETE], [COMMANDS.release, RELEASE], [COMMANDS.renew, RENEW], [COMMANDS.addStats, ADD_STATS]]) {
       if (!(name in client)) client.defineCommand(name, { numberOfKeys: 1, lua })
     }
     this.client = client as unknown as ScriptedClient
+    this.redis = client
+    this.statsKey = `${prefix}stats:{idempotency-stats}`
     this.claimCommand = COMMANDS.claim + 'Buffer' // bulk replies as Buffers: bodies are bytes
     this.prefix = prefix
     this.timeout = timeout
@@ -144,7 +172,7 @@ export class RedisStore implements IdempotencyStore {
     const token = `${PROCESS_ID}.${(++sequence).toString(36)}`
     const args = [token, String(lockTtl)]
     if (fingerprint !== undefined) args.push(fingerprint)
-    const reply = await this.call(this.claimCommand, key, args) as ClaimReply
+    const reply = await this.call(this.claimCommand, this.redisKey(key), args) as ClaimReply
     if (reply[0] === 0) return { token }
     const fp = reply[1] === 1 ? reply[2].toString() : undefined
     if (reply[0] === 1) return { record: { state: 'in-flight', fingerprint: fp } }
@@ -159,15 +187,79 @@ export class RedisStore implements IdempotencyStore {
 
   async complete (key: string, token: string, response: StoredResponse, ttl: number | null): Promise<boolean> {
     const args = [token, String(response.statusCode), JSON.stringify(response.headers), response.body, ttl === null ? '' : String(ttl)]
-    return await this.call(COMMANDS.complete, key, args) === 1
+    return await this.call(COMMANDS.complete, this.redisKey(key), args) === 1
   }
 
   async release (key: string, token: string): Promise<boolean> {
-    return await this.call(COMMANDS.release, key, [token]) === 1
+    return await this.call(COMMANDS.release, this.redisKey(key), [token]) === 1
   }
 
   async renew (key: string, token: string, lockTtl: number): Promise<boolean> {
-    return await this.call(COMMANDS.renew, key, [token, String(lockTtl)]) === 1
+    return await this.call(COMMANDS.renew, this.redisKey(key), [token, String(lockTtl)]) === 1
+  }
+
+  /** Adds counts to the shared stats hash, in one script call. */
+  async addStats (counts: StatsCounts, ttl: number): Promise<void> {
+    const args = [String(ttl)]
+    for (const route in counts) {
+      const counters = counts[route]
+      for (const name of COUNTERS) if (counters[name] > 0) args.push(`${route}\n${name}`, String(counters[name]))
+      if (counters.lastDuplicateAt > 0) args.push(`${route}\nlastDuplicateAt`, String(counters.lastDuplicateAt))
+    }
+    await this.call(COMMANDS.addStats, this.statsKey, args)
+  }
+
+  async readStats (): Promise<StatsCounts> {
+    const fields = await this.bounded(this.redis.hgetall(this.statsKey))
+    const counts: StatsCounts = {}
+    for (const field in fields) {
+      const at = field.lastIndexOf('\n')
+      const counters = counts[field.slice(0, at)] ??= emptyCounters()
+      counters[field.slice(at + 1) as keyof typeof counters] = Number(fields[field])
+    }
+    return counts
+  }
+
+  /**
+   * Records and their memory. Never lists a big keyspace: a node with up to
+   * 1000 keys is scanned; on a bigger one, 100 random keys give the share of
+   * records and their mean size, scaled by DBSIZE (so `estimated` is true).
+   */
+  async usage (): Promise<StoreUsage> {
+    const nodes = this.redis.isCluster ? (this.redis as Cluster).nodes('master') : [this.redis as Redis]
+    const match = `${this.prefix.replace(/[*?[\]\\]/g, '\\$&')}{*`
+    let records = 0
+    let bytes = 0
+    let estimated = false
+    for (const node of nodes) {
+      const size = await this.bounded(node.dbsize())
+      let keys: string[] = []
+      let scale = 1
+      if (size <= SCAN_LIMIT) {
+        let cursor = '0'
+        do {
+          const [next, found] = await this.bounded(node.scan(cursor, 'MATCH', match, 'COUNT', SCAN_LIMIT))
+          keys.push(...found)
+          cursor = next
+        } while (cursor !== '0')
+      } else {
+        const sample = node.pipeline()
+        for (let i = 0; i < SAMPLE; i++) sample.randomkey()
+        const picked = await this.bounded(sample.exec()) as Array<[Error | null, string | null]>
+        keys = picked.map(([, key]) => key).filter((key): key is string => key !== null && key.startsWith(this.prefix + '{'))
+        scale = size / SAMPLE
+        estimated = true
+      }
+      let used = 0
+      if (keys.length > 0) {
+        const sizes = node.pipeline()
+        for (const key of keys) sizes.memory('USAGE', key)
+        for (const [, keyBytes] of await this.bounded(sizes.exec()) as Array<[Error | null, number | null]>) used += keyBytes ?? 0
+      }
+      records += Math.round(keys.length * scale)
+      bytes += Math.round(used * scale)
+    }
+    return { records, bytes, estimated }
   }
 
   /** Leaves the client connected: it belongs to the application (or `@fastify/redis`). */
@@ -178,10 +270,15 @@ export class RedisStore implements IdempotencyStore {
    * not answer in time. The command may still run later (ioredis keeps it
    * queued): a claim made that way has no owner and expires after lockTtl.
    */
-  private call (command: string, key: string, args: Array<string | Buffer>): Promise<unknown> {
+  private call (command: string, redisKey: string, args: Array<string | Buffer>): Promise<unknown> {
+    return this.bounded(this.client[command](redisKey, ...args))
+  }
+
+  /** `promise`, or a `FST_IDEMPOTENCY_STORE_TIMEOUT` failure if Redis does not answer in time. */
+  private bounded<T> (promise: Promise<T>): Promise<T> {
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => reject(new StoreTimeoutError(this.timeout)), this.timeout)
-      this.client[command](this.redisKey(key), ...args).then((reply) => {
+      promise.then((reply) => {
         clearTimeout(timer)
         resolve(reply)
       }, (err: unknown) => {
