@@ -12,7 +12,7 @@
  * Expiry needs no timer per key: every read checks `expiresAt`, and one
  * unref'd sweeper frees expired records between reads.
  */
-import type { ClaimResult, CompletedRecord, IdempotencyStore, InFlightRecord, StoredResponse } from '../../types/index.js'
+import type { ClaimResult, CompletedRecord, IdempotencyStore, InFlightRecord, StoredResponse, StoreUsage } from '../../types/index.js'
 
 export interface MemoryStoreOptions {
   /** Most records kept; the least recently used completed ones are evicted beyond it. Default 10 000. */
@@ -112,6 +112,11 @@ export class MemoryStore implements IdempotencyStore {
     if (entry === undefined) return false
     entry.expiresAt = now + lockTtl
     return true
+  }
+
+  /** Records held (expired ones not yet swept included); their memory is not measured. */
+  usage (): StoreUsage {
+    return { records: this.size, bytes: undefined, estimated: false }
   }
 
   close (): void {
