@@ -99,11 +99,12 @@ function commandName (name: string, lua: string): string {
 /**
  * KEYS[1] the stats hash; ARGV ttl, then pairs of field and count. Fields are
  * `route\ncounter`; `...\nlastDuplicateAt` keeps the latest time, the others add.
+ * (The script spells the newline as Lua's escape `\\n`: a raw one ends a Lua string.)
  */
 const ADD_STATS = `
 for i = 2, #ARGV, 2 do
   local field, n = ARGV[i], tonumber(ARGV[i + 1])
-  if string.sub(field, -16) == '\nlastDuplicateAt' then
+  if string.sub(field, -16) == '\\nlastDuplicateAt' then
     if n > tonumber(redis.call('HGET', KEYS[1], field) or '0') then redis.call('HSET', KEYS[1], field, ARGV[i + 1]) end
   else
     redis.call('HINCRBY', KEYS[1], field, n)
