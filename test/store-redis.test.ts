@@ -1,5 +1,6 @@
 import t from 'tap'
 import { spawn, spawnSync } from 'node:child_process'
+import { createConnection, createServer } from 'node:net'
 import { createInterface } from 'node:readline'
 import { setTimeout as sleep } from 'node:timers/promises'
 import Fastify from 'fastify'
@@ -172,6 +173,61 @@ withRedis(t, (t) => {
     await t.rejects(store.release('k', token), timedOut, 'release')
     await t.rejects(store.renew('k', token, LONG), timedOut, 'renew')
     t.equal(store.timeout, 200)
+  })
+
+  t.test('a claim that timed out while Redis was frozen, and ran when it woke, is released: no 409 for lockTtl', async (t) => {
+    const frozen = await startRedis()
+    t.teardown(() => frozen.stop())
+    const client = new Redis({ host: '127.0.0.1', port: frozen.port })
+    t.teardown(() => client.disconnect())
+    const store = new RedisStore({ client, prefix: uniquePrefix('late-claim'), timeout: 100 })
+    const held = (await store.claim('held', 'fp', LONG)).token as string // loads the script, and holds one key
+    process.kill(frozen.pid, 'SIGSTOP') // Redis stops answering; ioredis keeps the commands it sent
+    try {
+      await t.rejects(store.claim('free', 'fp', LONG), { code: 'FST_IDEMPOTENCY_STORE_TIMEOUT' }, 'a free key')
+      await t.rejects(store.claim('held', 'fp', LONG), { code: 'FST_IDEMPOTENCY_STORE_TIMEOUT' }, 'a held key')
+    } finally {
+      process.kill(frozen.pid, 'SIGCONT') // Redis now runs both claims
+    }
+    for (let i = 0; i < 100 && await client.exists(store.redisKey('free')) === 1; i++) await sleep(10)
+    t.equal(await client.exists(store.redisKey('free')), 0, 'the claim nobody was told of is released once its reply arrives')
+    t.type((await store.claim('free', 'fp', LONG)).token, 'string', 'so a retry claims the key at once')
+    t.ok(await store.complete('held', held, sampleResponse(), LONG), 'a late claim that found the key held leaves it to its owner')
+  })
+
+  t.test('a claim resent after the connection dropped with its reply finds its own claim: claimed, not in flight', async (t) => {
+    // A proxy between the client and Redis that can drop a reply and cut the connection,
+    // as a network failure does after Redis has run a command; ioredis then sends it again.
+    let dropNextReply = false
+    const sockets = new Set<import('node:net').Socket>()
+    const proxy = createServer((downstream) => {
+      const upstream = createConnection({ host: '127.0.0.1', port: server.port })
+      for (const socket of [downstream, upstream]) {
+        sockets.add(socket)
+        socket.on('error', () => {})
+        socket.on('close', () => { downstream.destroy(); upstream.destroy() })
+      }
+      downstream.on('data', (chunk) => upstream.write(chunk))
+      upstream.on('data', (chunk) => {
+        if (!dropNextReply) return downstream.write(chunk)
+        dropNextReply = false
+        downstream.destroy()
+      })
+    })
+    await new Promise<void>((resolve) => proxy.listen(0, '127.0.0.1', resolve))
+    t.teardown(() => {
+      for (const socket of sockets) socket.destroy()
+      proxy.close()
+    })
+    const client = connect(t, { port: (proxy.address() as { port: number }).port })
+    client.on('error', () => {}) // the cut connection
+    const store = new RedisStore({ client, prefix: uniquePrefix('resent'), timeout: 5000 })
+    t.type((await store.claim('warm-up', undefined, LONG)).token, 'string')
+    dropNextReply = true
+    const claimed = await store.claim('k', 'fp', LONG)
+    t.equal(dropNextReply, false, 'the first reply was dropped and the claim sent again')
+    t.type(claimed.token, 'string', 'the request that claimed the key holds it')
+    t.ok(await store.complete('k', claimed.token as string, sampleResponse(), LONG), 'and can complete it')
   })
 
   t.test('a client that never connected fails with the timeout too', async (t) => {

@@ -42,9 +42,11 @@ export interface RedisStoreOptions {
  * KEYS[1] record; ARGV token, lockTtl[, fingerprint].
  * Reply: {0} claimed; {1, hasFingerprint, fingerprint} in flight;
  * {2, hasFingerprint, fingerprint, statusCode, headers, body} completed.
+ * A claim that finds its own token already there was sent twice (ioredis sends
+ * a command again when the connection dropped before its reply came): claimed.
  */
 const CLAIM = `
-local r = redis.call('HMGET', KEYS[1], 's', 'f', 'c', 'h', 'b')
+local r = redis.call('HMGET', KEYS[1], 's', 'f', 'c', 'h', 'b', 't')
 if not r[1] then
   if ARGV[3] then
     redis.call('HSET', KEYS[1], 's', 'i', 't', ARGV[1], 'f', ARGV[3])
@@ -54,6 +56,7 @@ if not r[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return {0}
 end
+if r[6] == ARGV[1] then return {0} end
 local hasFingerprint = 0
 if r[2] then hasFingerprint = 1 end
 if r[1] == 'i' then return {1, hasFingerprint, r[2] or ''} end
@@ -173,7 +176,12 @@ export class RedisStore implements IdempotencyStore {
     const token = `${PROCESS_ID}.${(++sequence).toString(36)}`
     const args = [token, String(lockTtl)]
     if (fingerprint !== undefined) args.push(fingerprint)
-    const reply = await this.call(this.claimCommand, this.redisKey(key), args) as ClaimReply
+    const reply = await this.call(this.claimCommand, this.redisKey(key), args, (late) => {
+      // It timed out here but Redis ran it later (ioredis queues commands while Redis is away):
+      // a claim that nobody holds would answer every retry with 409 until lockTtl. Let it go;
+      // if that fails too, it still expires after lockTtl.
+      if ((late as ClaimReply)[0] === 0) Promise.allSettled([this.release(key, token)])
+    }) as ClaimReply
     if (reply[0] === 0) return { token }
     const fp = reply[1] === 1 ? reply[2].toString() : undefined
     if (reply[0] === 1) return { record: { state: 'in-flight', fingerprint: fp } }
@@ -269,18 +277,23 @@ export class RedisStore implements IdempotencyStore {
   /**
    * Runs one script, failing with `FST_IDEMPOTENCY_STORE_TIMEOUT` if Redis does
    * not answer in time. The command may still run later (ioredis keeps it
-   * queued): a claim made that way has no owner and expires after lockTtl.
+   * queued): its reply then goes to `late`, if given.
    */
-  private call (command: string, redisKey: string, args: Array<string | Buffer>): Promise<unknown> {
-    return this.bounded(this.client[command](redisKey, ...args))
+  private call (command: string, redisKey: string, args: Array<string | Buffer>, late?: (reply: unknown) => void): Promise<unknown> {
+    return this.bounded(this.client[command](redisKey, ...args), late)
   }
 
-  /** `promise`, or a `FST_IDEMPOTENCY_STORE_TIMEOUT` failure if Redis does not answer in time. */
-  private bounded<T> (promise: Promise<T>): Promise<T> {
+  /** `promise`, or a `FST_IDEMPOTENCY_STORE_TIMEOUT` failure if Redis does not answer in time (its reply then goes to `late`). */
+  private bounded<T> (promise: Promise<T>, late?: (reply: T) => void): Promise<T> {
     return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => reject(new StoreTimeoutError(this.timeout)), this.timeout)
+      let timedOut = false
+      const timer = setTimeout(() => {
+        timedOut = true
+        reject(new StoreTimeoutError(this.timeout))
+      }, this.timeout)
       promise.then((reply) => {
         clearTimeout(timer)
+        if (timedOut) late?.(reply)
         resolve(reply)
       }, (err: unknown) => {
         clearTimeout(timer)

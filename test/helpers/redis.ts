@@ -44,9 +44,20 @@ export function withRedis<T extends TestLike> (t: T, suite: (t: T) => unknown): 
 export interface RedisServer {
   port: number
   url: string
+  /** The pid of the running redis-server (it changes with `restart()`). */
+  readonly pid: number
   /** The server's output so far, for failure messages. */
   log (): string
+  /** Kills the server at once (SIGKILL), as a crash would; its data directory is kept for `restart()`. */
+  crash (): Promise<void>
+  /** Starts the server again after `crash()`, on the same port and data directory. */
+  restart (): Promise<void>
   stop (): Promise<void>
+}
+
+export interface RedisServerOptions {
+  /** More `redis-server` arguments; they override the defaults (e.g. `['--appendonly', 'yes']`). */
+  args?: string[]
 }
 
 export interface RedisCluster {
@@ -109,9 +120,9 @@ interface Spawned {
   stop: () => Promise<void>
 }
 
-async function spawnServer (extra: (port: number) => Promise<string[]>, dir: string): Promise<Spawned> {
+async function spawnServer (extra: (port: number) => Promise<string[]>, dir: string, fixedPort?: number): Promise<Spawned> {
   for (let attempt = 1; ; attempt++) {
-    const port = await freePort()
+    const port = fixedPort ?? await freePort()
     const args = ['--port', String(port), '--bind', HOST, '--save', '', '--appendonly', 'no', '--dir', dir, ...await extra(port)]
     const child = spawn('redis-server', args, { stdio: ['ignore', 'pipe', 'pipe'] })
     running.add(child)
@@ -137,21 +148,30 @@ async function spawnServer (extra: (port: number) => Promise<string[]>, dir: str
     } catch (err) {
       await stop()
       // Another process may have taken the port between the probe and the start.
-      if (attempt < 5 && output.includes('already in use')) continue
+      if (attempt < 5 && fixedPort === undefined && output.includes('already in use')) continue
       throw err
     }
   }
 }
 
-/** Starts a `redis-server` on a free loopback port, persistence off; `stop()` kills it. */
-export async function startRedis (): Promise<RedisServer> {
+/** Starts a `redis-server` on a free loopback port, persistence off unless `args` say otherwise; `stop()` kills it. */
+export async function startRedis (options: RedisServerOptions = {}): Promise<RedisServer> {
   const dir = mkdtempSync(join(tmpdir(), 'idem-redis-'))
+  const extra = async () => options.args ?? []
   try {
-    const server = await spawnServer(async () => [], dir)
+    let server = await spawnServer(extra, dir)
+    const port = server.port
+    let earlier = ''
     return {
-      port: server.port,
-      url: `redis://${HOST}:${server.port}`,
-      log: server.output,
+      port,
+      url: `redis://${HOST}:${port}`,
+      get pid () { return server.child.pid as number },
+      log: () => earlier + server.output(),
+      crash: () => server.stop(),
+      async restart () {
+        earlier += server.output()
+        server = await spawnServer(extra, dir, port)
+      },
       async stop () {
         await server.stop()
         rmSync(dir, { recursive: true, force: true })
