@@ -3,7 +3,9 @@
  * route's pending counters (no allocation, no store call); a timer sends the
  * pending counts to a shared store (one `addStats` call per flush interval,
  * off the request path) so that they add up across processes. Stores without
- * `addStats` (the memory store) have their stats kept here, in-process.
+ * `addStats` (the memory store) have their stats kept here, in-process: the
+ * same timer moves the pending counts into the in-process totals, so that
+ * `stats.ttl` counts from their last change, as in Redis, not from a read.
  */
 import type { IdempotencyStats, IdempotencyStore, RouteCounters, StatsCounts, StoreUsage } from '../types/index.js'
 
@@ -31,7 +33,7 @@ export class Stats {
   /** In-process totals, for stores without `addStats`. */
   private local: StatsCounts = {}
   private localChangedAt = 0
-  private readonly timer: NodeJS.Timeout | undefined
+  private readonly timer: NodeJS.Timeout
 
   constructor (
     private readonly store: IdempotencyStore,
@@ -39,9 +41,7 @@ export class Stats {
     private readonly onFlushError: (err: unknown) => void,
     private readonly now: () => number = Date.now
   ) {
-    if (store.addStats !== undefined) {
-      this.timer = setInterval(() => { this.flush().catch(this.onFlushError) }, settings.flushInterval).unref()
-    }
+    this.timer = setInterval(() => { this.flush().catch(this.onFlushError) }, settings.flushInterval).unref()
   }
 
   /** The pending counters of a route, made once when the route is added. */

@@ -142,7 +142,7 @@ export type StoreErrorEvent = (request: FastifyRequest, key: string, error: unkn
 export interface StatsOptions {
   /** How long counters are kept after their last change, in ms. Default 7 days. */
   ttl?: number
-  /** How often counters are sent to a shared store (Redis), in ms. Default 1000. */
+  /** How often counters are sent to a shared store (Redis), or moved into the in-process totals, in ms. Default 1000. */
   flushInterval?: number
   /** Serve the stats page at this path (GET). Off by default. */
   route?: string
