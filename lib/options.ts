@@ -56,6 +56,14 @@ const storeSchema = Type.Object({
   renew: Type.Function([], Type.Any())
 })
 
+const statsSchema = Type.Object({
+  ttl: Type.Optional(Type.Integer({ minimum: 1, errorMessage: 'must be a positive integer (ms)' })),
+  flushInterval: Type.Optional(Type.Integer({ minimum: 1, errorMessage: 'must be a positive integer (ms)' })),
+  route: Type.Optional(Type.String({ pattern: '^/', errorMessage: 'must be a path starting with /' })),
+  preHandler: Type.Optional(Type.Union([fn(''), Type.Array(fn(''))], { errorMessage: 'must be a preHandler hook or an array of them' })),
+  warnRecords: Type.Optional(Type.Integer({ minimum: 0, errorMessage: 'must be an integer of at least 0' }))
+}, { additionalProperties: false })
+
 const optionsSchema = Type.Partial(Type.Object({
   header: Type.String({ pattern: TOKEN, errorMessage: 'must be a valid HTTP header name' }),
   methods: Type.Array(Type.String(), { minItems: 1, errorMessage: 'must be a non-empty array of HTTP methods' }),
@@ -96,13 +104,7 @@ const optionsSchema = Type.Partial(Type.Object({
   errors: Type.Union([Type.Literal('fastify'), Type.Literal('problem+json')], {
     errorMessage: 'must be \'fastify\' or \'problem+json\''
   }),
-  stats: Type.Union([Type.Literal(false), Type.Object({
-    ttl: Type.Optional(Type.Integer({ minimum: 1, errorMessage: 'must be a positive integer (ms)' })),
-    flushInterval: Type.Optional(Type.Integer({ minimum: 1, errorMessage: 'must be a positive integer (ms)' })),
-    route: Type.Optional(Type.String({ pattern: '^/', errorMessage: 'must be a path starting with /' })),
-    preHandler: Type.Optional(Type.Union([fn(''), Type.Array(fn(''))], { errorMessage: 'must be a preHandler hook or an array of them' })),
-    warnRecords: Type.Optional(Type.Integer({ minimum: 0, errorMessage: 'must be an integer of at least 0' }))
-  }, { additionalProperties: false })], { errorMessage: 'must be false or an object { ttl, flushInterval, route, preHandler, warnRecords }' })
+  stats: Type.Union([Type.Literal(false), statsSchema], { errorMessage: 'must be false or an object { ttl, flushInterval, route, preHandler, warnRecords }' })
 }), { additionalProperties: false })
 
 /** An `endpoints` entry: an optional method (`*` for any) and a path prefix. */
@@ -176,6 +178,11 @@ export function check (schema: TSchema, value: unknown, fail: (path: string, mes
 }
 
 export function resolveOptions (options: FastifyIdempotencyOptions): PluginSettings {
+  // A stats object is checked against the object schema itself, so the error names the bad field, not the union.
+  const stats: unknown = options.stats
+  if (typeof stats === 'object' && stats !== null && !Array.isArray(stats)) {
+    check(statsSchema, stats, (path, message) => new InvalidOptionError(`stats.${path}`, message))
+  }
   check(optionsSchema, options, (path, message) => new InvalidOptionError(path, message))
   const header = (options.header ?? 'idempotency-key').toLowerCase()
   const key = options.key ?? {}

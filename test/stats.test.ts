@@ -140,6 +140,23 @@ test('stats.route without a preHandler fails at registration', async (t) => {
   await t.rejects(build(t, { stats: { route: '/idempotency/stats', preHandler: [] } }), { code: 'FST_IDEMPOTENCY_INVALID_OPTION' }, 'nor with an empty list')
 })
 
+test('invalid stats options are refused, naming the option', async (t) => {
+  const cases: Array<[unknown, string]> = [
+    [true, 'stats: must be false or an object'],
+    [null, 'stats: must be false or an object'],
+    [[], 'stats: must be false or an object'],
+    [{ route: 'stats' }, 'stats.route: must be a path starting with /'],
+    [{ ttl: 0 }, 'stats.ttl: must be a positive integer (ms)'],
+    [{ flushInterval: 1.5 }, 'stats.flushInterval: must be a positive integer (ms)'],
+    [{ warnRecords: -1 }, 'stats.warnRecords: must be an integer of at least 0'],
+    [{ preHandler: 'auth' }, 'stats.preHandler: must be a preHandler hook or an array of them'],
+    [{ page: true }, 'stats.page: unknown option']
+  ]
+  for (const [stats, message] of cases) {
+    await t.rejects(build(t, { stats } as Options), { code: 'FST_IDEMPOTENCY_INVALID_OPTION', message: new RegExp(message.replace(/[.()]/g, '\\$&').replace(': ', '": ')) }, message)
+  }
+})
+
 test('the stats route: behind the preHandler, JSON by default, escaped HTML for browsers', async (t) => {
   const authorized: string[] = []
   const weird = "/tom&jerry's/<b>\""
