@@ -16,13 +16,15 @@ const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i
 const QUOTE = 34
 const BACKSLASH = 92
 const COMMA = 44
+const SPACE = 32
+const TAB = 9
 
 /** Returns the key carried by `raw`, or throws `FST_IDEMPOTENCY_KEY_INVALID` saying why it is unusable. */
 export function parseKey (raw: string | string[], rules: KeyRules): string {
   if (typeof raw !== 'string') throw new KeyInvalidError(rules.header, 'the header was sent more than once')
   // A quoted key may double in length through escapes; anything longer is rejected before it is scanned.
   if (raw.length > 2 * rules.maxLength + 16) throw tooLong(rules)
-  const value = raw.trim()
+  const value = trimOws(raw)
   if (value.length === 0) throw new KeyInvalidError(rules.header, 'the key is empty')
   const key = value.charCodeAt(0) === QUOTE ? unquote(value, rules) : bareToken(value, rules)
   if (key.length === 0) throw new KeyInvalidError(rules.header, 'the key is empty')
@@ -74,6 +76,23 @@ function unquote (value: string, rules: KeyRules): string {
     }
   }
   throw new KeyInvalidError(rules.header, 'the quoted key has no closing quote')
+}
+
+/**
+ * Strips SP and HTAB, the only whitespace HTTP allows around a field value
+ * (RFC 9110 OWS). `trim()` would also strip U+00A0, line breaks and other
+ * characters, accepting a header that holds them as the key without them.
+ */
+function trimOws (raw: string): string {
+  let start = 0
+  let end = raw.length
+  while (start < end && isOws(raw.charCodeAt(start))) start++
+  while (end > start && isOws(raw.charCodeAt(end - 1))) end--
+  return raw.slice(start, end)
+}
+
+function isOws (c: number): boolean {
+  return c === SPACE || c === TAB
 }
 
 function tooLong (rules: KeyRules): Error {
