@@ -36,6 +36,9 @@ const retryAfter = { 'retry-after': { type: 'integer', minimum: 1, description: 
 export function documentRoute (route: RouteOptions, settings: RouteSettings, plugin: PluginSettings): void {
   const schema: JsonSchema = { ...route.schema }
   const headers = schema.headers as JsonSchema | undefined
+  // Fastify validates every method of the route against this one schema: the header is
+  // constrained only when the plugin handles them all (it checks the key itself first).
+  const constrained = [route.method].flat().every((method) => settings.methods.has(method.toUpperCase()))
   // A headers schema given as a $ref or a non-object schema is left as it is.
   if (headers === undefined || (headers.$ref === undefined && (headers.type === 'object' || headers.properties !== undefined))) {
     const required = (headers?.required as string[] | undefined) ?? []
@@ -46,12 +49,14 @@ export function documentRoute (route: RouteOptions, settings: RouteSettings, plu
         ...(headers?.properties as JsonSchema | undefined),
         [plugin.header]: {
           type: 'string',
-          maxLength: plugin.keyRules.maxLength,
+          ...(constrained ? { maxLength: plugin.keyRules.maxLength } : {}),
           description: 'Names the operation: retries with the same key get the saved response instead of running it again.' +
-            (settings.required ? '' : ' Optional: without it, the request is not idempotent.')
+            (!settings.required
+              ? ' Optional: without it, the request is not idempotent.'
+              : constrained ? '' : ` Required on ${[...settings.methods].join(', ')}.`)
         }
       },
-      ...(settings.required ? { required: [...required.filter((name) => name !== plugin.header), plugin.header] } : {})
+      ...(settings.required && constrained ? { required: [...required.filter((name) => name !== plugin.header), plugin.header] } : {})
     }
   }
 
