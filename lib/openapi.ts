@@ -10,8 +10,11 @@ import type { RouteSettings } from './route-config.js'
 
 type JsonSchema = Record<string, unknown>
 
+// Fastify also serializes the route's own replies on these statuses with these schemas:
+// additionalProperties keeps whatever else the application's bodies hold.
 const fastifyErrorBody: JsonSchema = {
   type: 'object',
+  additionalProperties: true,
   properties: {
     statusCode: { type: 'integer' },
     code: { type: 'string' },
@@ -22,6 +25,7 @@ const fastifyErrorBody: JsonSchema = {
 
 const problemBody: JsonSchema = {
   type: 'object',
+  additionalProperties: true,
   properties: {
     type: { type: 'string' },
     title: { type: 'string' },

@@ -230,3 +230,28 @@ test('a route with methods the plugin does not handle: those are answered as wit
     }
   }
 })
+
+test('the added response schemas do not strip the application\'s own bodies on those statuses', async (t) => {
+  for (const errors of ['fastify', 'problem+json'] as const) {
+    const app = await documented(t, { errors }, (app) => {
+      app.setErrorHandler((error: Error & { code?: string, statusCode?: number }, _request, reply) => {
+        reply.code(error.statusCode ?? 500).send({ problem: error.code, detail: error.message })
+      })
+      app.post('/signup', async (request, reply) => {
+        const { email } = request.body as { email: string }
+        if (email === 'taken@example.com') return reply.code(409).send({ code: 'EMAIL_TAKEN', message: 'taken', field: 'email' })
+        if (email === 'weird') return reply.code(422).type('application/problem+json').send({ type: 'about:blank', status: 422, title: 'Weird', detail: 'weird', invalidParams: ['email'] })
+        return { ok: true }
+      })
+    })
+    const conflict = await app.inject({ method: 'POST', url: '/signup', payload: { email: 'taken@example.com' } })
+    t.strictSame([conflict.statusCode, conflict.json()], [409, { code: 'EMAIL_TAKEN', message: 'taken', field: 'email' }], `${errors}: the handler's 409`)
+    const weird = await app.inject({ method: 'POST', url: '/signup', payload: { email: 'weird' } })
+    t.strictSame(weird.json().invalidParams, ['email'], `${errors}: a problem document's extension members`)
+    if (errors === 'fastify') {
+      const invalid = await app.inject({ method: 'POST', url: '/signup', headers: { 'idempotency-key': 'x'.repeat(300) }, payload: { email: 'a' } })
+      t.strictSame(invalid.json(), { problem: 'FST_IDEMPOTENCY_KEY_INVALID', detail: 'Invalid idempotency-key header: the key is longer than 255 characters' },
+        'the application\'s error handler reshapes a plugin error')
+    }
+  }
+})
