@@ -36,12 +36,21 @@ export function captureResponse (reply: FastifyReply, payload: unknown, unsaved:
   else return undefined
   const headers: Record<string, string | string[]> = {}
   const sent = reply.getHeaders()
+  const named = connectionOptions(sent.connection)
   for (const name in sent) {
     const value = sent[name]
-    if (value === undefined || unsaved.has(name)) continue
+    if (value === undefined || unsaved.has(name) || named.includes(name)) continue
     headers[name] = typeof value === 'number' ? String(value) : value
   }
   return { statusCode: reply.statusCode, headers, body }
+}
+
+const NONE: readonly string[] = []
+
+/** The header names that a Connection header lists: hop-by-hop too (RFC 9110, 7.6.1), so never saved. */
+function connectionOptions (connection: string | number | string[] | undefined): readonly string[] {
+  if (connection === undefined) return NONE
+  return String(connection).toLowerCase().split(',').map((name) => name.trim())
 }
 
 /** Sends `response` again, as stored bytes: never through the route's serializer. */
