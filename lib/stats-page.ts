@@ -1,6 +1,7 @@
 /**
  * The stats page (`stats.route`): JSON, or for `Accept: text/html` a small
- * self-contained HTML page (inline CSS, no script, no external resource).
+ * self-contained HTML page (inline CSS, no script, no external resource; an
+ * empty inline icon, or the browser asks for /favicon.ico and logs its 404).
  */
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import type { IdempotencyStats } from '../types/index.js'
@@ -34,6 +35,7 @@ export function renderStatsPage (stats: IdempotencyStats, now: number): string {
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Idempotency stats</title>
+<link rel="icon" href="data:,">
 <style>
 body { font: 14px/1.4 system-ui, sans-serif; margin: 2rem; color: #222; }
 table { border-collapse: collapse; margin-top: 1rem; }

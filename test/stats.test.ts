@@ -204,7 +204,8 @@ test('the stats route: behind the preHandler, JSON by default, escaped HTML for 
   t.match(html, '<td><code>POST /a</code></td><td>3</td><td>2</td><td>0</td><td>1</td><td>3</td><td>0</td><td>0</td>')
   t.match(html, '<td><code>POST /required</code></td><td>0</td><td>0</td><td>0</td><td>0</td><td>0</td><td>2</td><td>0</td><td>never</td>')
   t.notMatch(html, 'id="warning"')
-  t.notMatch(html, /<script|<link|src=/, 'self-contained, no script')
+  t.notMatch(html, /<script|src=|href="(?!data:)/, 'self-contained, no script')
+  t.match(html, '<link rel="icon" href="data:,">', 'an empty icon: the browser does not ask for /favicon.ico')
 
   t.equal((await ctx.app.inject({ method: 'POST', url: '/idempotency/stats', headers: auth })).statusCode, 404, 'GET only')
   const after = await ctx.app.idempotency.stats()
