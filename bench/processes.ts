@@ -79,11 +79,15 @@ export interface ServerProcess {
   stats (): Promise<ServerStats>
   /** Runs a full GC first (the process must run with --expose-gc), then reports. */
   statsAfterGc (): Promise<ServerStats>
+  /** Starts the in-process CPU profiler; profileStop writes what it recorded to `file`. */
+  profileStart (): Promise<void>
+  profileStop (file: string): Promise<void>
   stop (): Promise<void>
 }
 
-export async function startServer (name: string, options: { core?: number, redisUrl?: string, verify?: boolean, nodeArgs?: string[] }): Promise<ServerProcess> {
+export async function startServer (name: string, options: { core?: number, redisUrl?: string, verify?: boolean, nodeArgs?: string[], plugin?: string }): Promise<ServerProcess> {
   const env: Record<string, string> = { BENCH_CONFIG: name }
+  if (options.plugin !== undefined) env.BENCH_PLUGIN = options.plugin
   if (options.redisUrl !== undefined) env.BENCH_REDIS_URL = options.redisUrl
   if (options.verify === true) env.BENCH_VERIFY = '1'
   const child = start(SERVER, options.core, options.nodeArgs ?? [], env)
@@ -99,9 +103,20 @@ export async function startServer (name: string, options: { core?: number, redis
     child.send({ type, id } satisfies ToServer)
     return answer
   }
+  const profile = async (message: { type: 'profile-start' } | { type: 'profile-stop', file: string }) => {
+    const id = ++messageId
+    const answer = waitFor(child, `server ${name} ${message.type}`, 30_000, (reply: FromServer) => {
+      if (reply.type === 'error') throw new Error(`server ${name}: ${reply.message}`)
+      return reply.type === 'done' && reply.id === id ? true : undefined
+    })
+    child.send({ ...message, id } satisfies ToServer)
+    await answer
+  }
   return {
     name,
     url: `http://127.0.0.1:${port}`,
+    profileStart: () => profile({ type: 'profile-start' }),
+    profileStop: (file) => profile({ type: 'profile-stop', file }),
     pid: child.pid as number,
     stats: () => ask('stats'),
     statsAfterGc: () => ask('gc'),

@@ -15,6 +15,7 @@ interface CallFrame {
   functionName: string
   url: string
   lineNumber: number
+  columnNumber: number
 }
 
 interface ProfileNode {
@@ -29,7 +30,9 @@ interface CpuProfile {
   timeDeltas: number[]
 }
 
-const PLUGIN_FILES = [pathToFileURL(join(ROOT, 'lib')).href + '/', pathToFileURL(join(ROOT, 'index.ts')).href]
+/** The plugin's files: its source (--source), or what run.ts compiled into node_modules/.cache. */
+const BUILD = pathToFileURL(join(ROOT, 'node_modules', '.cache', 'fastify-idempotency-bench')).href + '/'
+const PLUGIN_FILES = [pathToFileURL(join(ROOT, 'lib')).href + '/', pathToFileURL(join(ROOT, 'index.ts')).href, BUILD + 'lib/', BUILD + 'index.js']
 const IDLE = new Set(['(idle)', '(program)'])
 
 function isPlugin (url: string): boolean {
@@ -40,8 +43,10 @@ function where (frame: CallFrame): string {
   const url = frame.url
   if (url === '') return ''
   const rootUrl = pathToFileURL(ROOT).href
-  const short = url.startsWith(rootUrl) ? url.slice(rootUrl.length) : url.replace(/^file:\/\/.*\/node_modules\//, '')
-  return `${short}:${frame.lineNumber + 1}`
+  const short = url.startsWith(BUILD)
+    ? url.slice(BUILD.length)
+    : url.startsWith(rootUrl) ? url.slice(rootUrl.length) : url.replace(/^file:\/\/.*\/node_modules\//, '')
+  return `${short}:${frame.lineNumber + 1}:${frame.columnNumber + 1}`
 }
 
 export interface FunctionTime {
@@ -106,7 +111,7 @@ export function summarize (file: string, limit = 25): ProfileSummary {
   const list = (times: Map<string, number>, filter: (plugin: boolean) => boolean) => [...times]
     .map(([k, time]) => {
       const [name, at] = k.split('\u0000')
-      return { name, where: at, plugin: at.startsWith('lib/') || at.startsWith('index.ts'), share: time / busy }
+      return { name, where: at, plugin: at.startsWith('lib/') || at.startsWith('index.'), share: time / busy }
     })
     .filter((f) => filter(f.plugin))
     .sort((a, b) => b.share - a.share)
@@ -135,6 +140,7 @@ export function format (summary: ProfileSummary): string {
   return lines.join('\n')
 }
 
+/** Summarizes the profiles that --profile wrote: `<configuration>.<scenario>.r<round>.cpuprofile`. */
 export function summarizeProfiles (dir: string, names: string[], scenarios: string[]): string {
   if (!existsSync(dir)) return `no profiles in ${dir}`
   const files = readdirSync(dir).filter((f) => f.endsWith('.cpuprofile') && names.some((n) => f.startsWith(n + '.')) && scenarios.some((s) => f.includes(`.${s}.`)))

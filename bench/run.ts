@@ -17,9 +17,10 @@
  */
 import { execFileSync, spawnSync } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs'
+import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
+import { pathToFileURL } from 'node:url'
 import { parseArgs } from 'node:util'
 import { ROOT, startLoad, startServer, tasksetWorks, type LoadProcess } from './processes.js'
 import { summarizeProfiles } from './profile.js'
@@ -37,6 +38,7 @@ const { values: args } = parseArgs({
     memory: { type: 'boolean', default: false },
     keys: { type: 'string', default: '1000000' },
     profile: { type: 'boolean', default: false },
+    source: { type: 'boolean', default: false },
     verify: { type: 'boolean', default: false },
     'max-noise': { type: 'string', default: '0.1' },
     attempts: { type: 'string', default: '3' },
@@ -55,7 +57,8 @@ if (args.help) {
   --only a,b         configurations (${CONFIGURATIONS.map((c) => c.name).join(', ')})
   --scenarios a,b    scenarios (${SCENARIOS.map((s) => s.name).join(', ')})
   --memory           the memory run: --keys unique keys (1000000) into the memory store, RSS every 100k
-  --profile          write a CPU profile of each server to bench/results/profiles/ and summarize it
+  --profile          profile each server over its measured seconds, to bench/results/profiles/, and summarize
+  --source           run the plugin's TypeScript source through tsx instead of compiling it with tsc first
   --verify           servers record every key (checks the harness; slower)
   --max-noise C      measure again (fresh server) when other processes used more than C cores meanwhile (0.1)
   --attempts N       at most N attempts per measurement; the quietest is kept (3)
@@ -96,6 +99,23 @@ function machineBusyMicros (): number | undefined {
   } catch {
     return undefined
   }
+}
+
+/**
+ * Compiles the plugin as \`npm run build\` does, into node_modules/.cache, so
+ * that the servers run plain JavaScript (tsx adds a naming helper call to
+ * every closure it creates). Returns the entry point, or undefined for --source.
+ */
+function buildPlugin (): string | undefined {
+  if (args.source) return undefined
+  const out = join(ROOT, 'node_modules', '.cache', 'fastify-idempotency-bench')
+  rmSync(out, { recursive: true, force: true })
+  const tsc = spawnSync(process.execPath, [join(ROOT, 'node_modules', 'typescript', 'bin', 'tsc'), '-p', 'tsconfig.build.json', '--outDir', out, '--declaration', 'false', '--noEmitOnError', 'false'], { cwd: ROOT, encoding: 'utf8' })
+  const entry = join(out, 'index.js')
+  if (!existsSync(entry)) throw new Error(`tsc emitted no plugin:\n${tsc.stdout}${tsc.stderr}`)
+  writeFileSync(join(out, 'package.json'), '{ "type": "module" }\n')
+  if (tsc.status !== 0) console.log(`note: tsc reported errors in the plugin's source; it emitted JavaScript all the same:\n${tsc.stdout.split('\n').slice(0, 5).join('\n')}`)
+  return pathToFileURL(entry).href
 }
 
 interface Redis {
@@ -156,16 +176,15 @@ interface Checked {
   stats: ServerStats
   before: ServerStats
   keysSent: number
+  statusCodes: Record<string, number>
 }
 
 let cell = 0
+let plugin: string | undefined
 
 /** One measurement: a fresh server, seeded, warmed up, measured. */
 async function measure (load: LoadProcess, name: string, scenario: ScenarioName, round: number, redis: Redis | undefined, checks: Checked[]): Promise<Measurement> {
-  const nodeArgs = args.profile
-    ? ['--cpu-prof', '--cpu-prof-dir', join(RESULTS, 'profiles'), '--cpu-prof-name', `${name}.${scenario}.r${round}.cpuprofile`]
-    : []
-  const server = await startServer(name, { core: SERVER_CORE, redisUrl: configuration(name).redis ? redis?.url : undefined, verify: args.verify, nodeArgs })
+  const server = await startServer(name, { core: SERVER_CORE, redisUrl: configuration(name).redis ? redis?.url : undefined, verify: args.verify, plugin })
   try {
     const prefix = `${runId}-${(++cell).toString(36).padStart(4, '0')}-`
     const base = { url: server.url, scenario, connections, prefix }
@@ -176,16 +195,21 @@ async function measure (load: LoadProcess, name: string, scenario: ScenarioName,
     const busyBefore = machineBusyMicros()
     const ownBefore = process.cpuUsage()
     const redisBefore = await redis?.cpu()
+    if (args.profile) await server.profileStart()
     const result = await load.run({ ...base, duration })
     const busyAfter = machineBusyMicros()
     const own = process.cpuUsage(ownBefore)
     const after = await server.stats()
+    if (args.profile) {
+      mkdirSync(join(RESULTS, 'profiles'), { recursive: true })
+      await server.profileStop(join(RESULTS, 'profiles', `${name}.${scenario}.r${round}.cpuprofile`))
+    }
     const redisCpu = redis === undefined ? 0 : await redis.cpu() - (redisBefore as number)
     // What other processes used meanwhile (another test run, a package install…), in cores.
     const noise = busyBefore === undefined || busyAfter === undefined
       ? 0
       : Math.max(0, busyAfter - busyBefore - (after.cpuMicros - before.cpuMicros) - result.cpuMicros - own.user - own.system - redisCpu) / (result.seconds * 1e6)
-    checks.push({ config: name, scenario, round, stats: after, before, keysSent: result.keysSent })
+    checks.push({ config: name, scenario, round, stats: after, before, keysSent: result.keysSent, statusCodes: result.statusCodes })
     if (result.requests === 0) throw new Error(`${name} ${scenario}: no response at all (errors ${result.errors}, timeouts ${result.timeouts})`)
     return {
       round,
@@ -199,7 +223,8 @@ async function measure (load: LoadProcess, name: string, scenario: ScenarioName,
       non2xx: result.non2xx,
       errors: result.errors + result.timeouts,
       handlerShare: (after.handlerRuns - before.handlerRuns) / result.requests,
-      noise
+      noise,
+      statusCodes: result.statusCodes
     }
   } finally {
     await server.stop()
@@ -253,6 +278,7 @@ async function benchmark (): Promise<void> {
   const redis = wantsRedis ? await redisServer() : undefined
   const { names, skipped } = selectedConfigurations(redis !== undefined)
   const host = machine()
+  plugin = buildPlugin()
   const notes: string[] = []
   if (skipped.length > 0) {
     notes.push(`SKIPPED ${skipped.join(', ')}: redis-server is not installed (apt-get install redis-server); the Redis configurations need a local one.`)
@@ -272,7 +298,7 @@ async function benchmark (): Promise<void> {
         for (const name of names) {
           const m = await measureQuietly(load, name, scenario, round, redis, checks)
           measurements.push(m)
-          console.log(`round ${round} ${scenario.padEnd(8)} ${name.padEnd(20)} ${Math.round(m.rps).toString().padStart(6)} req/s  p50 ${m.p50.toFixed(2)} ms  p99 ${m.p99.toFixed(2)} ms  ${m.cpuPerRequest.toFixed(1)} µs CPU/req  handler ${m.handlerShare.toFixed(3)}/req${m.non2xx > 0 ? `  non-2xx ${m.non2xx}` : ''}`)
+          console.log(`round ${round} ${scenario.padEnd(8)} ${name.padEnd(20)} ${Math.round(m.rps).toString().padStart(6)} req/s  p50 ${m.p50.toFixed(2)} ms  p99 ${m.p99.toFixed(2)} ms  ${m.cpuPerRequest.toFixed(1)} µs CPU/req  handler ${m.handlerShare.toFixed(3)}/req${m.non2xx > 0 ? `  non-2xx ${m.non2xx} (statuses ${JSON.stringify(m.statusCodes)})` : ''}`)
         }
       }
     }
@@ -331,7 +357,7 @@ ${r.goals.length > 0 ? r.goals.join('\n') : 'No configuration of this plugin was
 ## How the peers are wired
 
 - \`@node-idempotency/core\` 1.x: its documented flow (\`onRequest\` before the business logic, \`onResponse\` when it first completes) in a Fastify \`preHandler\` and \`onSend\` hook, the shape of the project's own (unpublished) Fastify wrapper, with the memory adapter or the Redis adapter (its own \`redis\` 4 client). \`onResponse\` runs only after a handler run, not for replays (the wrapper calls it for every reply, which costs more). Its memory adapter never evicts: it grows with every key.
-- \`@aws-lambda-powertools/idempotency\` 2.x: \`makeIdempotent\` around a Lambda-style handler, \`CachePersistenceLayer\` on a connected \`@redis/client\` as its docs show, \`eventKeyJmesPath: 'headers."idempotency-key"'\`, \`payloadValidationJmesPath: 'body'\` (the counterpart of this plugin's fingerprint), a fake context whose \`getRemainingTimeInMillis()\` answers 30 s; the route builds an API Gateway-like event from the request.
+- \`@aws-lambda-powertools/idempotency\` 2.x: \`makeIdempotent\` around a Lambda-style handler, \`CachePersistenceLayer\` on a connected \`@redis/client\` as its docs show, \`eventKeyJmesPath: 'headers."idempotency-key"'\`, a fake context whose \`getRemainingTimeInMillis()\` answers 30 s; the route builds an API Gateway-like event from the request. Without payload validation, so it does less than this plugin (which fingerprints every request): with \`payloadValidationJmesPath: 'body'\`, every replay is a 422 in 2.35.0, because \`CachePersistenceLayer\` saves the completed record without the payload hash.
 - \`express-idempotency\` 1.x: its middleware on the route and \`isHit(req)\` in the handler, as its README says, with its default in-memory adapter (an array searched linearly: its cost grows with the keys stored during the measurement).
 - \`@fastify/rate-limit\`: registered globally with a limit no run reaches; every request costs one lookup in its in-memory store (one client IP, so one key).
 `
@@ -344,12 +370,13 @@ async function memoryRun (): Promise<void> {
   const step = Math.min(100_000, keys)
   const host = machine()
   console.log(`machine: ${describe(host)}`)
+  plugin = buildPlugin()
   const load = await startLoad(LOAD_CORE)
   const report: string[] = []
   try {
     for (const name of names) {
       if (configuration(name).redis) throw new Error('the memory run is for in-process stores')
-      const server = await startServer(name, { core: SERVER_CORE, nodeArgs: ['--expose-gc'] })
+      const server = await startServer(name, { core: SERVER_CORE, nodeArgs: ['--expose-gc'], plugin })
       const lines: string[] = []
       const line = (label: string, s: ServerStats) => {
         const text = `| ${label} | ${(s.rss / 2 ** 20).toFixed(1)} | ${(s.heapUsed / 2 ** 20).toFixed(1)} | ${s.storeSize ?? '–'} | ${s.handlerRuns} |`

@@ -11,12 +11,24 @@
  *
  * BENCH_VERIFY=1 also records every key that reaches the server and every
  * key the handler ran for (a Set each: only for checks, it costs time).
+ *
+ * BENCH_PLUGIN is the plugin's entry point: run.ts compiles the plugin with
+ * tsc and points here, so that the server runs what users run (tsx would add
+ * its own helpers to every closure). Without it, the TypeScript source.
+ *
+ * 'profile-start' and 'profile-stop' record a CPU profile of the measured
+ * window only (the inspector's Profiler, in process).
  */
+import { writeFileSync } from 'node:fs'
 import { createServer, type Server } from 'node:http'
-import type { MemoryStore } from '../index.js'
+import { Session } from 'node:inspector/promises'
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
+import type { MemoryStore } from '../index.js'
 import { CONFIGURATIONS, KEY_HEADER, ROUTE, orderFor, type FromServer, type OrderInput, type ServerStats, type ToServer } from './shared.js'
 
+type Plugin = typeof import('../index.js')
+const pluginEntry = process.env.BENCH_PLUGIN ?? '../index.js'
+const loadPlugin = () => import(pluginEntry) as Promise<Plugin>
 const name = process.env.BENCH_CONFIG ?? ''
 const redisUrl = process.env.BENCH_REDIS_URL
 const verify = process.env.BENCH_VERIFY === '1'
@@ -58,13 +70,13 @@ async function fastifyApp (): Promise<FastifyInstance> {
     case 'fastify':
       break
     case 'idempotency-memory': {
-      const { default: fastifyIdempotency } = await import('../index.js')
+      const { default: fastifyIdempotency } = await loadPlugin()
       await app.register(fastifyIdempotency)
       storeSize = () => (app.idempotency.store as MemoryStore).size
       break
     }
     case 'idempotency-redis': {
-      const { default: fastifyIdempotency } = await import('../index.js')
+      const { default: fastifyIdempotency } = await loadPlugin()
       const { default: fastifyRedis } = await import('@fastify/redis')
       await app.register(fastifyRedis, { url: redisUrl })
       await app.register(fastifyIdempotency, { store: 'redis' })
@@ -130,6 +142,24 @@ function stats (): ServerStats {
   }
 }
 
+let profiler: Session | undefined
+
+async function profileStart (): Promise<void> {
+  profiler = new Session()
+  profiler.connect()
+  await profiler.post('Profiler.enable')
+  await profiler.post('Profiler.setSamplingInterval', { interval: 250 })
+  await profiler.post('Profiler.start')
+}
+
+async function profileStop (file: string): Promise<void> {
+  if (profiler === undefined) return
+  const { profile } = await profiler.post('Profiler.stop')
+  writeFileSync(file, JSON.stringify(profile))
+  profiler.disconnect()
+  profiler = undefined
+}
+
 async function main (): Promise<void> {
   if (configuration === undefined) throw new Error(`BENCH_CONFIG: unknown configuration '${name}'`)
   if (configuration.redis && redisUrl === undefined) throw new Error(`${name} needs BENCH_REDIS_URL`)
@@ -154,8 +184,12 @@ async function main (): Promise<void> {
     else if (message.type === 'gc') {
       (globalThis as { gc?: () => void }).gc?.()
       send({ type: 'stats', id: message.id, stats: stats() })
+    } else if (message.type === 'profile-start' || message.type === 'profile-stop') {
+      const id = message.id
+      ;(message.type === 'profile-start' ? profileStart() : profileStop(message.file)).then(
+        () => send({ type: 'done', id }),
+        (err: Error) => send({ type: 'error', message: err.stack ?? String(err) }))
     } else if (message.type === 'stop') {
-      // A clean exit, so that --cpu-prof writes its profile.
       close().then(async () => {
         for (const closer of closers) await closer()
       }).finally(() => process.exit(0))

@@ -86,8 +86,17 @@ export interface ServerStats {
   storeSize?: number
 }
 
-export type ToServer = { type: 'stats', id: number } | { type: 'gc', id: number } | { type: 'stop' }
-export type FromServer = { type: 'listening', port: number } | { type: 'stats', id: number, stats: ServerStats } | { type: 'error', message: string }
+export type ToServer =
+  | { type: 'stats', id: number }
+  | { type: 'gc', id: number }
+  | { type: 'profile-start', id: number }
+  | { type: 'profile-stop', id: number, file: string }
+  | { type: 'stop' }
+export type FromServer =
+  | { type: 'listening', port: number }
+  | { type: 'stats', id: number, stats: ServerStats }
+  | { type: 'done', id: number }
+  | { type: 'error', message: string }
 
 export interface LoadRequest {
   type: 'run'

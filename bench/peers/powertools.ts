@@ -3,8 +3,14 @@
  * Fastify route: `makeIdempotent` around a Lambda-style handler, with the
  * Redis persistence layer its docs show (`CachePersistenceLayer` on a
  * connected `@redis/client`), keyed on the Idempotency-Key header
- * (`eventKeyJmesPath`) and validating the body (`payloadValidationJmesPath`,
- * the counterpart of this plugin's default fingerprint).
+ * (`eventKeyJmesPath`).
+ *
+ * Without payload validation: with `payloadValidationJmesPath` (the
+ * counterpart of this plugin's fingerprint) every replay is refused, in
+ * 2.35.0: `CachePersistenceLayer` writes the completed record without the
+ * payload hash (`_updateRecord` keeps status, expiry and data only), so the
+ * replay's hash never matches and the utility throws
+ * IdempotencyValidationError. Validation off, replays work as documented.
  *
  * The route turns the request into an API Gateway-like event (headers and
  * the already parsed body) and passes a minimal fake Lambda context: what
@@ -52,10 +58,7 @@ export async function powertoolsRoute (
   const client = await createClient({ url: redisUrl }).connect()
   closers.push(() => client.close())
   const persistenceStore = new CachePersistenceLayer({ client })
-  const config = new IdempotencyConfig({
-    eventKeyJmesPath: 'headers."idempotency-key"',
-    payloadValidationJmesPath: 'body'
-  })
+  const config = new IdempotencyConfig({ eventKeyJmesPath: 'headers."idempotency-key"' })
 
   const handler = makeIdempotent(async (event: OrdersEvent, _context: typeof fakeContext): Promise<LambdaResult> => {
     const order = placeOrder(event.body, event.headers['idempotency-key'])
