@@ -43,6 +43,8 @@ export interface Row {
   handlerShare: number
   non2xx: number
   errors: number
+  /** Median CPU that other processes used during the measurements, in cores. */
+  noise: number
 }
 
 export function median (values: number[]): number {
@@ -85,7 +87,8 @@ export function aggregate (measurements: Measurement[]): Row[] {
         p99Ratio: ratios((m) => m.p99),
         handlerShare: median(mine.map((m) => m.handlerShare)),
         non2xx: mine.reduce((sum, m) => sum + m.non2xx, 0),
-        errors: mine.reduce((sum, m) => sum + m.errors, 0)
+        errors: mine.reduce((sum, m) => sum + m.errors, 0),
+        noise: median(mine.map((m) => m.noise))
       })
     }
   }
@@ -97,12 +100,12 @@ const thousands = (value: number) => Math.round(value).toLocaleString('en-US')
 
 export function table (rows: Row[]): string {
   const lines = [
-    '| configuration | scenario | req/s | p50 ms | p99 ms | CPU µs/req | req/s × bare | CPU × bare | p99 × bare | handler runs/req | non-2xx |',
-    '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |'
+    '| configuration | scenario | req/s | p50 ms | p99 ms | CPU µs/req | req/s × bare | CPU × bare | p99 × bare | handler runs/req | non-2xx | other CPU |',
+    '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |'
   ]
   for (const row of rows) {
     lines.push(`| ${row.config} | ${row.scenario} | ${thousands(row.rps)} | ${fixed(row.p50, 2)} | ${fixed(row.p99, 2)} | ${fixed(row.cpuPerRequest, 1)} | ` +
-      `${fixed(row.rpsRatio, 2)} | ${fixed(row.cpuRatio, 2)} | ${fixed(row.p99Ratio, 2)} | ${fixed(row.handlerShare, 3)} | ${row.non2xx} |`)
+      `${fixed(row.rpsRatio, 2)} | ${fixed(row.cpuRatio, 2)} | ${fixed(row.p99Ratio, 2)} | ${fixed(row.handlerShare, 3)} | ${row.non2xx} | ${fixed(row.noise, 2)} |`)
   }
   return lines.join('\n')
 }

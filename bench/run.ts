@@ -42,6 +42,7 @@ const { values: args } = parseArgs({
     verify: { type: 'boolean', default: false },
     'max-noise': { type: 'string', default: '0.1' },
     attempts: { type: 'string', default: '3' },
+    'quiet-wait': { type: 'string', default: '30' },
     json: { type: 'string' },
     'no-write': { type: 'boolean', default: false },
     help: { type: 'boolean', default: false }
@@ -62,6 +63,7 @@ if (args.help) {
   --verify           servers record every key (checks the harness; slower)
   --max-noise C      measure again (fresh server) when other processes used more than C cores meanwhile (0.1)
   --attempts N       at most N attempts per measurement; the quietest is kept (3)
+  --quiet-wait S     before each attempt, wait up to S seconds for other processes to go quiet (30)
   --json FILE        also write the measurements and the table as JSON
   --no-write         do not write bench/results/latest.md`)
   process.exit(0)
@@ -84,6 +86,7 @@ const rounds = number('rounds', args.rounds)
 const connections = number('connections', args.connections)
 const maxNoise = Number(args['max-noise'])
 const attempts = number('attempts', args.attempts)
+const quietWait = Number(args['quiet-wait'])
 
 let clockTicks = 100
 try {
@@ -232,9 +235,9 @@ async function measure (load: LoadProcess, name: string, scenario: ScenarioName,
   }
 }
 
-/** Waits (up to two minutes) until other processes use at most --max-noise cores over one second. */
+/** Waits (up to --quiet-wait seconds) until other processes use at most --max-noise cores over one second. */
 async function waitForQuiet (): Promise<void> {
-  const deadline = Date.now() + 120_000
+  const deadline = Date.now() + quietWait * 1000
   let told = false
   for (;;) {
     const before = machineBusyMicros()
@@ -346,7 +349,7 @@ ${scenarios}
 
 ## Table
 
-Medians over the rounds. Ratios (× bare) are medians of per-round ratios to the bare framework of the same round and scenario: Fastify for the Fastify configurations, Express for \`express-idempotency\`. CPU µs/req is the server process's own \`process.cpuUsage()\` (user + system) over the measured seconds, divided by the requests answered. Latency from the load generator, at 10 µs resolution. "handler runs/req" is how often the route's handler ran per answered request (1: every request ran it; 0: all were replays).
+Medians over the rounds. Ratios (× bare) are medians of per-round ratios to the bare framework of the same round and scenario: Fastify for the Fastify configurations, Express for \`express-idempotency\`. CPU µs/req is the server process's own \`process.cpuUsage()\` (user + system) over the measured seconds, divided by the requests answered. Latency from the load generator, at 10 µs resolution. "handler runs/req" is how often the route's handler ran per answered request (1: every request ran it; 0: all were replays). "other CPU" is what processes outside the benchmark used meanwhile, in cores (median over the rounds): a measurement during which they used more than ${maxNoise} cores was repeated on a fresh server, up to ${attempts} attempts, keeping the quietest.
 
 ${r.text}
 
@@ -413,7 +416,7 @@ async function memoryRun (): Promise<void> {
   }
   if (!args['no-write']) {
     mkdirSync(RESULTS, { recursive: true })
-    writeFileSync(join(RESULTS, 'memory.md'), `# Memory run\n\nWritten by \`${commandLine()}\` on ${new Date().toISOString().slice(0, 10)}.\n\nMachine: ${describe(host)}.\n\nEach configuration gets a fresh server (default store bound: 10 000 records for this plugin's memory store) and ${keys.toLocaleString('en-US')} requests, each with a new key. RSS and heap are sampled by the server itself every ${step.toLocaleString('en-US')} responses.\n\n${report.join('\n')}`)
+    writeFileSync(join(RESULTS, 'memory.md'), `# Memory run\n\nWritten by \`${commandLine()}\` on ${new Date().toISOString().slice(0, 10)}.\n\nMachine: ${describe(host)}.\n\nEach configuration gets a fresh server (default store bound: 10 000 records for this plugin's memory store) and ${keys.toLocaleString('en-US')} requests, each with a new key. RSS and heap are sampled by the server itself every ${step.toLocaleString('en-US')} responses. This plugin's memory store keeps two generations of \`maxRecords / 2\` records: it holds between 5 000 and 10 000 records, and a sample taken at a multiple of 100 000 keys falls just after a generation turned over (every 5 000 new keys), so it reads about 5 000.\n\n${report.join('\n')}`)
     console.log('written: bench/results/memory.md')
   }
 }
