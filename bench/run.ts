@@ -421,7 +421,10 @@ async function memoryRun (): Promise<void> {
   }
 }
 
-(args.memory ? memoryRun() : benchmark()).catch((err: Error) => {
+// Interrupted: exit through 'exit', whose handlers kill the servers, the load generator and Redis.
+for (const signal of ['SIGINT', 'SIGTERM'] as const) process.once(signal, () => process.exit(130))
+
+;(args.memory ? memoryRun() : benchmark()).catch((err: Error) => {
   console.error(err.stack ?? err)
   process.exitCode = 1
 })
