@@ -29,7 +29,7 @@ const plugin: FastifyPluginAsync<FastifyIdempotencyOptions> = async (fastify, op
   const store = stores.main
   const leases = new LeaseKeeper(settings.lockTtl, logKeyOf(settings))
   const hooks = createHooks(settings, leases)
-  const stats = new Stats(store, settings.stats || { ttl: 1, flushInterval: 1000, warnRecords: Infinity },
+  const stats = new Stats(store, settings.stats,
     (err) => fastify.log.error({ err }, 'fastify-idempotency: stats could not be saved'))
   if (settings.scope === undefined && settings.mode !== 'exempt') {
     fastify.log.warn('fastify-idempotency: no `scope` is set, so keys are shared by every client: a client that sends another client\'s key gets that client\'s saved response. Set `scope` to the authenticated principal (see the README, "Scope").')
@@ -44,7 +44,7 @@ const plugin: FastifyPluginAsync<FastifyIdempotencyOptions> = async (fastify, op
   })
 
   fastify.addHook('onRoute', (route: RouteOptions) => {
-    const routeSettings = resolveRoute(route, settings, stores, settings.stats === false ? undefined : stats)
+    const routeSettings = resolveRoute(route, settings, stores, settings.stats.counting ? stats : undefined)
     if (routeSettings === undefined) return
     if (fastify.hasDecorator('swagger')) documentRoute(route, routeSettings, settings)
     route.onRequest = [hooks.checkHeader(routeSettings), ...asArray(route.onRequest)] // first: the route's own hooks see the key
@@ -58,7 +58,7 @@ const plugin: FastifyPluginAsync<FastifyIdempotencyOptions> = async (fastify, op
     stores.close()
   })
 
-  if (settings.stats !== false && settings.stats.route !== undefined) {
+  if (settings.stats.route !== undefined) {
     if (settings.stats.preHandler.length === 0) {
       throw new InvalidOptionError('stats.preHandler', 'is required with stats.route: give the application\'s authentication, so that the stats page is never open by accident')
     }

@@ -139,7 +139,8 @@ export interface PluginSettings {
   storeErrorPolicy: StoreErrorPolicy
   events: Events
   problemJson: boolean
-  stats: (StatsSettings & { route: string | undefined, preHandler: preHandlerHookHandler[] }) | false
+  /** `counting` is false with `stats: false`; the rest still serves `fastify.idempotency.stats()`. */
+  stats: StatsSettings & { counting: boolean, route: string | undefined, preHandler: preHandlerHookHandler[] }
 }
 
 /** The event callbacks of a route (or of the plugin). */
@@ -186,6 +187,7 @@ export function resolveOptions (options: FastifyIdempotencyOptions): PluginSetti
   check(optionsSchema, options, (path, message) => new InvalidOptionError(path, message))
   const header = (options.header ?? 'idempotency-key').toLowerCase()
   const key = options.key ?? {}
+  const statsOptions = options.stats || {}
   const replayHeader = options.replayHeader === false ? false : (options.replayHeader ?? 'idempotent-replayed').toLowerCase()
   return {
     header,
@@ -211,15 +213,14 @@ export function resolveOptions (options: FastifyIdempotencyOptions): PluginSetti
     storeErrorPolicy: storeErrorPolicy(options.onStoreError),
     events: resolveEvents(options),
     problemJson: options.errors === 'problem+json',
-    stats: options.stats === false
-      ? false
-      : {
-          ttl: options.stats?.ttl ?? 7 * 24 * 60 * 60 * 1000,
-          flushInterval: options.stats?.flushInterval ?? 1000,
-          warnRecords: options.stats?.warnRecords ?? 100_000,
-          route: options.stats?.route,
-          preHandler: [options.stats?.preHandler ?? []].flat()
-        }
+    stats: {
+      counting: options.stats !== false,
+      ttl: statsOptions.ttl ?? 7 * 24 * 60 * 60 * 1000,
+      flushInterval: statsOptions.flushInterval ?? 1000,
+      warnRecords: statsOptions.warnRecords ?? 100_000,
+      route: statsOptions.route,
+      preHandler: [statsOptions.preHandler ?? []].flat()
+    }
   }
 }
 
