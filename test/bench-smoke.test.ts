@@ -30,7 +30,7 @@ t.test('one short round: bare Fastify and the memory store, fresh keys', async (
   t.teardown(() => rmSync(dir, { recursive: true, force: true }))
   const json = join(dir, 'result.json')
   const args = ['--import', 'tsx', 'bench/run.ts', '--only', 'idempotency-memory', '--scenarios', 'fresh',
-    '--rounds', '1', '--duration', '1', '--warmup', '0.5', '--attempts', '1', '--max-noise', '100', '--verify', '--no-write', '--json', json]
+    '--rounds', '1', '--duration', '1', '--warmup', '0.5', '--attempts', '1', '--max-noise', '100', '--quiet-wait', '0', '--source', '--verify', '--no-write', '--json', json]
   const child = spawn(process.execPath, args, { cwd: root, env: childEnv(), stdio: ['ignore', 'pipe', 'pipe'] })
   let output = ''
   child.stdout.on('data', (chunk) => { output += chunk })
