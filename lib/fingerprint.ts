@@ -19,9 +19,27 @@ export function defaultFingerprint (request: FastifyRequest): string {
   return hash('sha256', head + 'j' + canonicalJson(body), 'base64url')
 }
 
+/** Quoted object keys: the bodies of one API repeat the same few keys. Bounded. */
+const quotedKeys = new Map<string, string>()
+
+function quoteKey (key: string): string {
+  let quoted = quotedKeys.get(key)
+  if (quoted === undefined) {
+    quoted = JSON.stringify(key)
+    if (quotedKeys.size < 1024) quotedKeys.set(key, quoted)
+  }
+  return quoted
+}
+
 /** JSON with object keys sorted at every depth; otherwise what `JSON.stringify` writes. */
 export function canonicalJson (value: unknown): string {
-  if (typeof value !== 'object' || value === null) return JSON.stringify(value) ?? 'null'
+  switch (typeof value) {
+    case 'string': return JSON.stringify(value)
+    case 'number': return Number.isFinite(value) ? '' + value : 'null'
+    case 'boolean': return value ? 'true' : 'false'
+    case 'object': if (value === null) return 'null'; break
+    default: return JSON.stringify(value) ?? 'null'
+  }
   if (typeof (value as { toJSON?: unknown }).toJSON === 'function') {
     return canonicalJson((value as { toJSON: () => unknown }).toJSON())
   }
@@ -31,12 +49,19 @@ export function canonicalJson (value: unknown): string {
     return out + ']'
   }
   const object = value as Record<string, unknown>
-  const keys = Object.keys(object).sort()
+  const keys = Object.keys(object)
+  // Clients mostly send keys in one order: sort only when they are not in order already.
+  for (let i = 1; i < keys.length; i++) {
+    if (keys[i - 1] > keys[i]) {
+      keys.sort()
+      break
+    }
+  }
   let out = '{'
-  for (const key of keys) {
-    const item = object[key]
+  for (let i = 0; i < keys.length; i++) {
+    const item = object[keys[i]]
     if (item === undefined || typeof item === 'function' || typeof item === 'symbol') continue
-    out += (out.length === 1 ? '' : ',') + JSON.stringify(key) + ':' + canonicalJson(item)
+    out += (out.length === 1 ? '' : ',') + quoteKey(keys[i]) + ':' + canonicalJson(item)
   }
   return out + '}'
 }

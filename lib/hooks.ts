@@ -29,6 +29,10 @@ import type { ClaimResult, IdempotencyEvent, StoredResponse } from '../types/ind
 
 type RequestError = Error & { code: string, statusCode: number }
 
+function isThenable<T> (value: T | PromiseLike<T>): value is PromiseLike<T> {
+  return typeof (value as PromiseLike<T> | undefined)?.then === 'function'
+}
+
 /** A claim attempt failed in the store and the policy is fail-closed. */
 const STORE_FAILED = Symbol('store failed')
 
@@ -114,7 +118,14 @@ export function createHooks (settings: PluginSettings, leases: LeaseKeeper) {
     const deadline = inFlightWait > 0 ? Date.now() + inFlightWait : 0
     let pause = FIRST_POLL
     for (;;) {
-      const result = await claimOrFail(state, fingerprint)
+      let result: ClaimResult | typeof STORE_FAILED | undefined
+      try {
+        const claimed = route.store.claim(state.storeKey, fingerprint, lockTtl)
+        // A synchronous store (memory) answers without a trip through the microtask queue.
+        result = isThenable(claimed) ? await claimed : claimed
+      } catch (err) {
+        result = storeFailed(state, err)
+      }
       if (result === undefined) return // the store failed and the policy is fail-open: run without idempotency
       if (result === STORE_FAILED) {
         reply.header('retry-after', '1')
@@ -168,30 +179,23 @@ export function createHooks (settings: PluginSettings, leases: LeaseKeeper) {
     }
   }
 
-  /**
-   * One claim attempt. A store failure is answered by the route's policy:
-   * undefined (fail-open: run without idempotency) or STORE_FAILED (fail-closed).
-   */
-  async function claimOrFail (state: RequestState, fingerprint: string | undefined): Promise<ClaimResult | typeof STORE_FAILED | undefined> {
+  /** A failed claim, answered by the route's policy: undefined (fail-open: run without idempotency) or STORE_FAILED. */
+  function storeFailed (state: RequestState, err: unknown): typeof STORE_FAILED | undefined {
     const { route, request } = state
-    try {
-      return await route.store.claim(state.storeKey, fingerprint, lockTtl)
-    } catch (err) {
-      route.counters.storeErrors++
-      let policy = route.storeErrorPolicy
-      if (route.events.onStoreError !== undefined) {
-        try {
-          const chosen = route.events.onStoreError(request, state.key as string, err)
-          if (chosen === 'fail-open' || chosen === 'fail-closed') policy = chosen
-        } catch (callbackError) {
-          request.log.error({ err: callbackError, idempotencyKey: logKey(state) }, 'idempotency: an event callback threw')
-        }
+    route.counters.storeErrors++
+    let policy = route.storeErrorPolicy
+    if (route.events.onStoreError !== undefined) {
+      try {
+        const chosen = route.events.onStoreError(request, state.key as string, err)
+        if (chosen === 'fail-open' || chosen === 'fail-closed') policy = chosen
+      } catch (callbackError) {
+        request.log.error({ err: callbackError, idempotencyKey: logKey(state) }, 'idempotency: an event callback threw')
       }
-      const failOpen = policy === 'fail-open'
-      request.log.error({ err, idempotencyKey: logKey(state) },
-        failOpen ? 'idempotency: store failed; running the handler without idempotency (fail-open)' : 'idempotency: store failed; request refused (fail-closed)')
-      return failOpen ? undefined : STORE_FAILED
     }
+    const failOpen = policy === 'fail-open'
+    request.log.error({ err, idempotencyKey: logKey(state) },
+      failOpen ? 'idempotency: store failed; running the handler without idempotency (fail-open)' : 'idempotency: store failed; request refused (fail-closed)')
+    return failOpen ? undefined : STORE_FAILED
   }
 
   /**
@@ -243,10 +247,13 @@ export function createHooks (settings: PluginSettings, leases: LeaseKeeper) {
       reply.header('x-request-duration-ms', (performance.now() - state.startMark).toFixed(3))
     }
     if (state.token === undefined) return done(null, payload)
-    finish(state, reply, payload).then(() => done(null, payload))
+    const pending = finish(state, reply, payload)
+    if (pending === undefined) return done(null, payload) // a synchronous store (memory) has saved it already
+    pending.then(() => done(null, payload))
   }
 
-  async function finish (state: RequestState, reply: FastifyReply, payload: unknown): Promise<void> {
+  /** Saves or releases the claim; a promise only while an asynchronous store is at work (it never rejects). */
+  function finish (state: RequestState, reply: FastifyReply, payload: unknown): PromiseLike<void> | undefined {
     if (state.phase === RUNNING_CALLBACK) state.phase = DONE
     if (state.route.storeOnStatuses.has(reply.statusCode)) {
       const response = captureResponse(reply, payload, unsavedHeaders)
@@ -260,15 +267,26 @@ export function createHooks (settings: PluginSettings, leases: LeaseKeeper) {
     return release(state)
   }
 
-  async function save (state: RequestState, response: StoredResponse): Promise<void> {
+  function save (state: RequestState, response: StoredResponse): PromiseLike<void> | undefined {
     const token = takeClaim(state)
     try {
-      if (!await state.route.store.complete(state.storeKey, token, response, state.route.ttl)) {
-        state.request.log.error({ idempotencyKey: logKey(state) }, 'idempotency: the claim was lost before the response could be saved (lease expired); the response was not saved')
+      const saved = state.route.store.complete(state.storeKey, token, response, state.route.ttl)
+      if (!isThenable(saved)) {
+        savedOrLost(state, saved)
+        return
       }
+      return saved.then((ok) => savedOrLost(state, ok), (err: unknown) => saveFailed(state, err))
     } catch (err) {
-      state.request.log.error({ err, idempotencyKey: logKey(state) }, 'idempotency: the response could not be saved; the claim expires after lockTtl')
+      saveFailed(state, err)
     }
+  }
+
+  function savedOrLost (state: RequestState, saved: boolean): void {
+    if (!saved) state.request.log.error({ idempotencyKey: logKey(state) }, 'idempotency: the claim was lost before the response could be saved (lease expired); the response was not saved')
+  }
+
+  function saveFailed (state: RequestState, err: unknown): void {
+    state.request.log.error({ err, idempotencyKey: logKey(state) }, 'idempotency: the response could not be saved; the claim expires after lockTtl')
   }
 
   async function release (state: RequestState): Promise<void> {

@@ -300,6 +300,31 @@ test('complete() throwing: the client still gets its answer; the failure is logg
   t.equal(runs, 1)
 })
 
+test('complete() throwing synchronously: the client still gets its answer; the failure is logged at error level', async (t) => {
+  const lines: LogLine[] = []
+  const store = new MemoryStore()
+  t.teardown(() => store.close())
+  const saves: string[] = []
+  // A store whose complete() is not async and throws before returning anything.
+  const syncThrowing: IdempotencyStore = {
+    claim: (key, fingerprint, lockTtl) => store.claim(key, fingerprint, lockTtl),
+    complete: (key) => { saves.push(key); throw new Error('store down (sync complete)') },
+    release: (key, token) => store.release(key, token),
+    renew: (key, token, lockTtl) => store.renew(key, token, lockTtl)
+  }
+  const app = await build(t, { store: syncThrowing }, capturingLogger(lines))
+  let runs = 0
+  app.post('/', async (_request, reply) => reply.code(201).send({ run: ++runs }))
+  const res = await app.inject({ method: 'POST', url: '/', headers: { 'idempotency-key': 'k' } })
+  t.equal(res.statusCode, 201)
+  t.same(res.json(), { run: 1 })
+  t.equal(saves.length, 1)
+  const logged = lines.find((l) => l.level === ERROR && /could not be saved/.test(l.msg))
+  t.equal(logged?.err?.message, 'store down (sync complete)')
+  t.equal((await app.inject({ method: 'POST', url: '/', headers: { 'idempotency-key': 'k' } })).statusCode, 409, 'the claim is held: a retry does not run the handler again')
+  t.equal(runs, 1)
+})
+
 test('release() throwing: the client still gets its error; the failure is logged at error level', async (t) => {
   const lines: LogLine[] = []
   const store = new FlakyStore()

@@ -28,26 +28,35 @@ const COMPLETED = 'completed'
 
 class Entry {
   state: typeof IN_FLIGHT | typeof COMPLETED = IN_FLIGHT
+  response: StoredResponse | undefined = undefined
   /**
-   * The claim result for duplicates, made once per state change rather than
-   * once per hit. It holds a plain record: never the entry, whose token would
-   * let a duplicate complete or release the owner's claim.
+   * The claim result for duplicates, made on the first duplicate after a state
+   * change (most keys never see one), then shared by every later hit. It holds
+   * a plain record: never the entry, whose token would let a duplicate
+   * complete or release the owner's claim.
    */
-  asClaimResult: ClaimResult
+  private result: ClaimResult | undefined = undefined
 
   constructor (
     readonly fingerprint: string | undefined,
     readonly token: string,
     public expiresAt: number
-  ) {
-    const record: InFlightRecord = { state: IN_FLIGHT, fingerprint }
-    this.asClaimResult = { record }
+  ) {}
+
+  get asClaimResult (): ClaimResult {
+    if (this.result === undefined) {
+      const record: InFlightRecord | CompletedRecord = this.state === COMPLETED
+        ? { state: COMPLETED, fingerprint: this.fingerprint, response: this.response as StoredResponse }
+        : { state: IN_FLIGHT, fingerprint: this.fingerprint }
+      this.result = { record }
+    }
+    return this.result
   }
 
   completeWith (response: StoredResponse, expiresAt: number): void {
-    const record: CompletedRecord = { state: COMPLETED, fingerprint: this.fingerprint, response }
     this.state = COMPLETED
-    this.asClaimResult = { record }
+    this.response = response
+    this.result = undefined
     this.expiresAt = expiresAt
   }
 }
