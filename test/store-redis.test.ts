@@ -241,6 +241,40 @@ withRedis(t, (t) => {
     await t.rejects(store.claim('k', 'fp', LONG), { code: 'FST_IDEMPOTENCY_STORE_TIMEOUT' })
   })
 
+  t.test('commands issued in one turn of the event loop reach the socket in one write', async (t) => {
+    const client = connect(t)
+    await client.ping()
+    const store = new RedisStore({ client, prefix: uniquePrefix('cork') })
+    const socket = client.stream
+    const writes: number[] = []
+    const write = socket._writev?.bind(socket)
+    const single = socket._write.bind(socket)
+    // Count what the socket hands to the system: one entry per write call, with its chunk count.
+    socket._writev = (chunks, callback) => { writes.push(chunks.length); write!(chunks, callback) }
+    socket._write = (chunk, encoding, callback) => { writes.push(1); single(chunk, encoding, callback) }
+    t.teardown(() => { socket._writev = write; socket._write = single })
+
+    const claims = Array.from({ length: 10 }, (_, i) => store.claim(`k${i}`, 'fp', LONG))
+    t.equal(socket.writableCorked, 1, 'the connection holds its writes while this turn issues commands')
+    const results = await Promise.all(claims)
+    t.ok(results.every((result) => typeof result.token === 'string'), 'every claim is answered')
+    t.strictSame(writes, [10], 'ten claims, one write of ten commands')
+    t.equal(socket.writableCorked, 0, 'released after the turn')
+
+    writes.length = 0
+    await store.claim('k0', 'fp', LONG)
+    t.strictSame(writes, [1], 'a lone command is one write too')
+  })
+
+  t.test('a client that is not ready yet is not held: its commands wait in the offline queue as usual', async (t) => {
+    const client = connect(t, { lazyConnect: true })
+    const store = new RedisStore({ client, prefix: uniquePrefix('lazy') })
+    t.equal(client.status, 'wait')
+    const claimed = await store.claim('k', 'fp', LONG)
+    t.type(claimed.token, 'string', 'the claim connects the client and is answered')
+    t.equal(client.stream.writableCorked, 0)
+  })
+
   t.test('constructor validation', async (t) => {
     const client = connect(t, { lazyConnect: true })
     t.throws(() => new RedisStore(undefined as unknown as { client: Redis }), { name: 'TypeError', message: /client must be an ioredis/ })
