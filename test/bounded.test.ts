@@ -26,10 +26,11 @@ const LONG = process.env.IDEMPOTENCY_LONG_TESTS === '1'
 const LONG_TIMEOUT = 1200
 const tapTimeout = Number(process.env.TAP_TIMEOUT ?? 0)
 const longFits = tapTimeout === 0 || tapTimeout >= LONG_TIMEOUT
-const SKIP_LONG = !LONG
-  ? 'the 1 000 000-key runs take minutes: set IDEMPOTENCY_LONG_TESTS=1 (and TAP_TIMEOUT=1200) to run them'
-  : !longFits && `tap would stop them after ${tapTimeout} s`
-if (LONG && !longFits) {
+/** The 1 000 000-key runs are added only when asked for, and only when tap would let them finish. */
+const RUN_LONG = LONG && longFits
+if (!LONG) {
+  t.comment('the 1 000 000-key runs take minutes and are not part of npm test: IDEMPOTENCY_LONG_TESTS=1 TAP_TIMEOUT=1200 npx tap test/bounded.test.ts runs them (.ci/run does)')
+} else if (!longFits) {
   t.fail(`IDEMPOTENCY_LONG_TESTS=1 needs a longer tap timeout: run with TAP_TIMEOUT=${LONG_TIMEOUT} (it is ${tapTimeout} s)`)
 }
 const AUTOCANNON = createRequire(import.meta.url).resolve('autocannon/autocannon.js')
@@ -168,9 +169,11 @@ t.test('memory store: 20 000 unique keys, maxRecords 2000', async (t) => {
   await memoryFlood(t, 20_000, 2000, false)
 })
 
-t.test('memory store: 1 000 000 unique keys, maxRecords 10 000 (the default), and the heap', { skip: SKIP_LONG }, async (t) => {
-  await memoryFlood(t, 1_000_000, 10_000, true)
-})
+if (RUN_LONG) {
+  t.test('memory store: 1 000 000 unique keys, maxRecords 10 000 (the default), and the heap', async (t) => {
+    await memoryFlood(t, 1_000_000, 10_000, true)
+  })
+}
 
 t.test('Redis', async (t) => {
   withRedis(t, (t) => {
@@ -183,8 +186,10 @@ t.test('Redis', async (t) => {
     t.test('20 000 unique keys with a 1 s ttl', async (t) => {
       await redisFlood(t, port, 20_000, false)
     })
-    t.test('1 000 000 unique keys with a 1 s ttl, and used_memory', { skip: SKIP_LONG }, async (t) => {
-      await redisFlood(t, port, 1_000_000, true)
-    })
+    if (RUN_LONG) {
+      t.test('1 000 000 unique keys with a 1 s ttl, and used_memory', async (t) => {
+        await redisFlood(t, port, 1_000_000, true)
+      })
+    }
   })
 })
