@@ -7,7 +7,7 @@
 import { test, type Test } from 'tap'
 import type { FastifyRequest } from 'fastify'
 import type { FastifyIdempotencyOptions, IdempotencyRouteOptions, StoreErrorPolicy } from '../index.js'
-import { build, capturingLogger, ERROR, FlakyStore, gate, until, type LogLine } from './helpers/app.js'
+import { build, capturingLogger, ERROR, FlakyStore, gate, RecordingStore, until, type LogLine } from './helpers/app.js'
 
 type Call = unknown[]
 
@@ -121,12 +121,17 @@ test('with a custom keyEncoder the logs carry a hash of the store key', async (t
 test('inFlight.wait: onConflict once when the wait runs out; a wait that ends in a replay calls onReplay only', async (t) => {
   const onReplay = spy()
   const onConflict = spy()
-  const { held, runs, send } = await eventsApp(t, { onReplay, onConflict, inFlight: { wait: 100 } })
+  const store = new RecordingStore()
+  t.teardown(() => store.close())
+  const { held, runs, send } = await eventsApp(t, { store, onReplay, onConflict, inFlight: { wait: 100 } })
   const original = send('original', 'k')
   await until(() => runs.count === 1)
   t.equal((await send('conflict', 'k')).statusCode, 409)
   t.equal(onConflict.calls.length, 1, 'once, not once per look at the store')
+  const looks = store.claims.length
   const waiting = send('waiter', 'k')
+  await until(() => store.claims.length > looks)
+  t.ok(store.claims.length > looks, 'the waiter found the original in flight: it waits')
   held.open()
   await original
   t.equal((await waiting).headers['idempotent-replayed'], 'true')

@@ -11,11 +11,11 @@ import { createServer, request as httpRequest } from 'node:http'
 import { connect, type AddressInfo } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
 import t, { type Test } from 'tap'
-import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify'
+import type { FastifyInstance, FastifyServerOptions } from 'fastify'
 import { Redis } from 'ioredis'
-import fastifyIdempotency, { MemoryStore, RedisStore } from '../index.js'
+import { MemoryStore, RedisStore } from '../index.js'
 import type { ClaimResult, FastifyIdempotencyOptions, IdempotencyStore, StoredResponse } from '../index.js'
-import { capturingLogger, ERROR, gate, until, type LogLine } from './helpers/app.js'
+import { build, capturingLogger, ERROR, gate, until, type LogLine } from './helpers/app.js'
 import { startRedis, uniquePrefix, withRedis } from './helpers/redis.js'
 
 /**
@@ -69,9 +69,7 @@ function faults (t: Test, make: () => IdempotencyStore) {
   async function listen (t: Test, options: FastifyIdempotencyOptions, server: FastifyServerOptions = {}) {
     const store = new Watched(make())
     t.teardown(() => store.inner.close?.())
-    const app = Fastify(server)
-    t.teardown(() => app.close())
-    await app.register(fastifyIdempotency, { store, ...options })
+    const app = await build(t, { store, ...options }, server)
     return { app, store }
   }
 

@@ -53,6 +53,7 @@ async function everyError (t: Test, options: FastifyIdempotencyOptions) {
   replies.push(await send({ 'idempotency-key': 'k2' }))
   t.equal(runs.count, 1, 'the handler ran only for the original')
   await until(() => hooks.onResponse === 6)
+  t.equal(hooks.onResponse, 6, 'onResponse hooks ran for the five errors and the original')
   return { app, replies, hooks }
 }
 

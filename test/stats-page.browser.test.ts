@@ -11,7 +11,7 @@ import t from 'tap'
 import { existsSync } from 'node:fs'
 import { chromium, type Browser, type Page } from 'playwright-core'
 import type { FastifyInstance } from 'fastify'
-import { build, gate, until } from './helpers/app.js'
+import { build, gate, until, type Teardown } from './helpers/app.js'
 
 const CHROMIUM = '/usr/bin/chromium'
 const INSTALL = 'Chromium is not installed: apt-get install chromium'
@@ -74,7 +74,7 @@ function suite () {
   })
 
   /** A new page in its own context, with what went wrong on it collected. */
-  async function open (tt: { teardown (fn: () => unknown): void }, headers: Record<string, string>) {
+  async function open (tt: Teardown, headers: Record<string, string>) {
     const context = await browser.newContext({ extraHTTPHeaders: headers })
     tt.teardown(() => context.close())
     const page: Page = await context.newPage()
