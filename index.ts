@@ -4,8 +4,7 @@
  */
 import fp from 'fastify-plugin'
 import type { FastifyPluginAsync, FastifyReply, RouteOptions } from 'fastify'
-import { InvalidOptionError } from './lib/errors.js'
-import { createHooks, logKeyOf } from './lib/hooks.js'
+import { createHooks } from './lib/hooks.js'
 import { LeaseKeeper } from './lib/leases.js'
 import { resolveOptions } from './lib/options.js'
 import { documentRoute } from './lib/openapi.js'
@@ -27,7 +26,7 @@ const plugin: FastifyPluginAsync<FastifyIdempotencyOptions> = async (fastify, op
   const settings = resolveOptions(options)
   const stores = new Stores(fastify, settings)
   const store = stores.main
-  const leases = new LeaseKeeper(settings.lockTtl, logKeyOf(settings))
+  const leases = new LeaseKeeper(settings.lockTtl, settings.logKey)
   const hooks = createHooks(settings, leases)
   const stats = new Stats(store, settings.stats,
     (err) => fastify.log.error({ err }, 'fastify-idempotency: stats could not be saved'))
@@ -59,9 +58,6 @@ const plugin: FastifyPluginAsync<FastifyIdempotencyOptions> = async (fastify, op
   })
 
   if (settings.stats.route !== undefined) {
-    if (settings.stats.preHandler.length === 0) {
-      throw new InvalidOptionError('stats.preHandler', 'is required with stats.route: give the application\'s authentication, so that the stats page is never open by accident')
-    }
     fastify.get(settings.stats.route, { preHandler: settings.stats.preHandler, config: { idempotency: false } }, statsHandler)
   }
 }

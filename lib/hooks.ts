@@ -9,14 +9,12 @@
  * Route hooks are built once per covered route; `saveReply` is one global
  * `onSend` that returns at once for requests it does not own.
  */
-import { hash } from 'node:crypto'
 import { setTimeout as sleep } from 'node:timers/promises'
 import type {
-  FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction, RouteHandlerMethod
+  FastifyBaseLogger, FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction, RouteHandlerMethod
 } from 'fastify'
 import { FingerprintMismatchError, InFlightError, KeyMissingError, StoreUnavailableError } from './errors.js'
 import { parseKey } from './header.js'
-import { defaultKeyEncoder } from './key-encoder.js'
 import { sendProblem } from './problem.js'
 import type { LeaseKeeper } from './leases.js'
 import type { PluginSettings } from './options.js'
@@ -25,12 +23,20 @@ import type { RouteSettings } from './route-config.js'
 import {
   DONE, IN_CALL, RUNNING_ASYNC, RUNNING_CALLBACK, RequestState, kState, type StatefulReply
 } from './state.js'
-import type { ClaimResult, IdempotencyEvent, StoredResponse } from '../types/index.js'
+import type { ClaimResult, IdempotencyEvent, StoredResponse, StoreErrorPolicy } from '../types/index.js'
 
 type RequestError = Error & { code: string, statusCode: number }
 
 function isThenable<T> (value: T | PromiseLike<T>): value is PromiseLike<T> {
   return typeof (value as PromiseLike<T> | undefined)?.then === 'function'
+}
+
+/**
+ * Whether `log` writes debug lines, so that a replay, the hot path, builds its
+ * log line only when it is kept. Pino can tell; another logger is asked to log.
+ */
+function logsDebug (log: FastifyBaseLogger): boolean {
+  return (log as { isLevelEnabled?: (level: string) => boolean }).isLevelEnabled?.('debug') ?? true
 }
 
 /** A claim attempt failed in the store and the policy is fail-closed. */
@@ -40,18 +46,8 @@ const STORE_FAILED = Symbol('store failed')
 const FIRST_POLL = 5
 const LONGEST_POLL = 100
 
-/**
- * How logs name a key: the store key when it is the default SHA-256, a hash
- * of it when a custom encoder may have put the client's key in it.
- */
-export function logKeyOf (settings: PluginSettings): (state: RequestState) => string {
-  if (settings.keyEncoder === defaultKeyEncoder) return (state) => state.storeKey
-  return (state) => 'sha256:' + hash('sha256', state.storeKey, 'base64url')
-}
-
 export function createHooks (settings: PluginSettings, leases: LeaseKeeper) {
-  const { header, keyRules, keyEncoder, lockTtl, replayHeader, telemetry, inFlightWait, unsavedHeaders, problemJson } = settings
-  const logKey = logKeyOf(settings)
+  const { header, keyRules, keyEncoder, logKey, lockTtl, replayHeader, telemetry, inFlightWait, unsavedHeaders, problemJson } = settings
 
   /** Answers with one of the plugin's errors, through Fastify's error handler or as problem+json. */
   function reject (reply: FastifyReply, error: RequestError): FastifyReply {
@@ -65,8 +61,30 @@ export function createHooks (settings: PluginSettings, leases: LeaseKeeper) {
     try {
       event(state.request, state.key as string)
     } catch (err) {
-      state.request.log.error({ err, idempotencyKey: logKey(state) }, 'idempotency: an event callback threw')
+      callbackThrew(state, err)
     }
+  }
+
+  /** The policy that the route's `onStoreError` function picks for this failure, if any. */
+  function chosenPolicy (state: RequestState, err: unknown): StoreErrorPolicy | undefined {
+    const event = state.route.events.onStoreError
+    if (event === undefined) return
+    try {
+      const chosen = event(state.request, state.key as string, err)
+      if (chosen === 'fail-open' || chosen === 'fail-closed') return chosen
+    } catch (callbackError) {
+      callbackThrew(state, callbackError)
+    }
+  }
+
+  function callbackThrew (state: RequestState, err: unknown): void {
+    state.request.log.error({ err, idempotencyKey: logKey(state.storeKey) }, 'idempotency: an event callback threw')
+  }
+
+  /** Counts a duplicate (replay, conflict or mismatch) on its route. */
+  function countDuplicate (route: RouteSettings, outcome: 'replayed' | 'conflicts' | 'mismatches'): void {
+    route.counters[outcome]++
+    route.counters.lastDuplicateAt = Date.now()
   }
 
   /** onRequest: the key is parsed and validated before the body is read. */
@@ -141,20 +159,18 @@ export function createHooks (settings: PluginSettings, leases: LeaseKeeper) {
       }
       const record = result.record
       if (fingerprint !== undefined && record.fingerprint !== undefined && record.fingerprint !== fingerprint) {
-        route.counters.mismatches++
-        route.counters.lastDuplicateAt = Date.now()
-        request.log.warn({ idempotencyKey: logKey(state) }, 'idempotency: key reused with a different request (422)')
+        countDuplicate(route, 'mismatches')
+        request.log.warn({ idempotencyKey: logKey(state.storeKey) }, 'idempotency: key reused with a different request (422)')
         emit(route.events.onMismatch, state)
         return reject(reply, new FingerprintMismatchError())
       }
       if (record.state === 'completed') {
-        route.counters.replayed++
-        route.counters.lastDuplicateAt = Date.now()
+        countDuplicate(route, 'replayed')
         state.exists = true
         state.response = record.response
         if (route.manual) return // the handler decides what a duplicate gets
         state.replayed = true
-        request.log.debug({ idempotencyKey: logKey(state) }, 'idempotency: replayed a saved response')
+        if (logsDebug(request.log)) request.log.debug({ idempotencyKey: logKey(state.storeKey) }, 'idempotency: replayed a saved response')
         emit(route.events.onReplay, state)
         return replayResponse(reply, record.response, route, replayHeader)
       }
@@ -164,9 +180,8 @@ export function createHooks (settings: PluginSettings, leases: LeaseKeeper) {
       // notifications), and a waiter that finds the key released claims it in that step.
       const left = deadline - Date.now()
       if (left <= 0) {
-        route.counters.conflicts++
-        route.counters.lastDuplicateAt = Date.now()
-        request.log.info({ idempotencyKey: logKey(state) }, 'idempotency: the original request is still in flight')
+        countDuplicate(route, 'conflicts')
+        request.log.info({ idempotencyKey: logKey(state.storeKey) }, 'idempotency: the original request is still in flight')
         emit(route.events.onConflict, state)
         const err: RequestError = new InFlightError()
         err.statusCode = settings.inFlightStatus
@@ -183,17 +198,8 @@ export function createHooks (settings: PluginSettings, leases: LeaseKeeper) {
   function storeFailed (state: RequestState, err: unknown): typeof STORE_FAILED | undefined {
     const { route, request } = state
     route.counters.storeErrors++
-    let policy = route.storeErrorPolicy
-    if (route.events.onStoreError !== undefined) {
-      try {
-        const chosen = route.events.onStoreError(request, state.key as string, err)
-        if (chosen === 'fail-open' || chosen === 'fail-closed') policy = chosen
-      } catch (callbackError) {
-        request.log.error({ err: callbackError, idempotencyKey: logKey(state) }, 'idempotency: an event callback threw')
-      }
-    }
-    const failOpen = policy === 'fail-open'
-    request.log.error({ err, idempotencyKey: logKey(state) },
+    const failOpen = (chosenPolicy(state, err) ?? route.storeErrorPolicy) === 'fail-open'
+    request.log.error({ err, idempotencyKey: logKey(state.storeKey) },
       failOpen ? 'idempotency: store failed; running the handler without idempotency (fail-open)' : 'idempotency: store failed; request refused (fail-closed)')
     return failOpen ? undefined : STORE_FAILED
   }
@@ -217,10 +223,10 @@ export function createHooks (settings: PluginSettings, leases: LeaseKeeper) {
         handlerEnded(state, reply)
         throw err
       }
-      if (typeof (result as Promise<unknown> | undefined)?.then === 'function') {
+      if (isThenable(result)) {
         state.phase = RUNNING_ASYNC
         const ended = () => handlerEnded(state, reply)
-        ;(result as Promise<unknown>).then(ended, ended)
+        result.then(ended, ended)
       } else if (state.token !== undefined && (state.releaseWhenDone || reply.sent)) {
         // It sent a reply that is not stored, or it hijacked the reply (onSend never runs).
         handlerEnded(state, reply)
@@ -258,7 +264,7 @@ export function createHooks (settings: PluginSettings, leases: LeaseKeeper) {
     if (state.route.storeOnStatuses.has(reply.statusCode)) {
       const response = captureResponse(reply, payload, unsavedHeaders)
       if (response !== undefined) return save(state, response)
-      state.request.log.warn({ idempotencyKey: logKey(state) }, 'idempotency: the response payload cannot be saved (a stream?); the claim is released')
+      state.request.log.warn({ idempotencyKey: logKey(state.storeKey) }, 'idempotency: the response payload cannot be saved (a stream?); the claim is released')
     }
     if (state.phase === RUNNING_ASYNC || state.phase === IN_CALL) {
       state.releaseWhenDone = true
@@ -282,11 +288,11 @@ export function createHooks (settings: PluginSettings, leases: LeaseKeeper) {
   }
 
   function savedOrLost (state: RequestState, saved: boolean): void {
-    if (!saved) state.request.log.error({ idempotencyKey: logKey(state) }, 'idempotency: the claim was lost before the response could be saved (lease expired); the response was not saved')
+    if (!saved) state.request.log.error({ idempotencyKey: logKey(state.storeKey) }, 'idempotency: the claim was lost before the response could be saved (lease expired); the response was not saved')
   }
 
   function saveFailed (state: RequestState, err: unknown): void {
-    state.request.log.error({ err, idempotencyKey: logKey(state) }, 'idempotency: the response could not be saved; the claim expires after lockTtl')
+    state.request.log.error({ err, idempotencyKey: logKey(state.storeKey) }, 'idempotency: the response could not be saved; the claim expires after lockTtl')
   }
 
   async function release (state: RequestState): Promise<void> {
@@ -294,7 +300,7 @@ export function createHooks (settings: PluginSettings, leases: LeaseKeeper) {
     try {
       await state.route.store.release(state.storeKey, token)
     } catch (err) {
-      state.request.log.error({ err, idempotencyKey: logKey(state) }, 'idempotency: the claim could not be released; it expires after lockTtl')
+      state.request.log.error({ err, idempotencyKey: logKey(state.storeKey) }, 'idempotency: the claim could not be released; it expires after lockTtl')
     }
   }
 

@@ -4,7 +4,7 @@
  * client input can forge another key's separator.
  */
 import { hash } from 'node:crypto'
-import type { KeyParts } from '../types/index.js'
+import type { KeyEncoder, KeyParts } from '../types/index.js'
 
 export const KEY_PREFIX = 'idem:'
 
@@ -14,4 +14,14 @@ export function defaultKeyEncoder (parts: KeyParts): string {
   const scope = parts.scope === undefined ? '-' : parts.scope.length + ':' + parts.scope
   const input = scope + '|' + parts.method + '|' + parts.path.length + ':' + parts.path + '|' + parts.key
   return KEY_PREFIX + hash('sha256', input, 'base64url')
+}
+
+/**
+ * How logs name a store key: as it is when the default encoder made it (a
+ * hash already), hashed when a custom encoder may have put the client's key
+ * in it.
+ */
+export function logKeyFor (encoder: KeyEncoder): (storeKey: string) => string {
+  if (encoder === defaultKeyEncoder) return (storeKey) => storeKey
+  return (storeKey) => 'sha256:' + hash('sha256', storeKey, 'base64url')
 }

@@ -13,7 +13,7 @@ export class LeaseKeeper {
   private readonly held = new Set<RequestState>()
   private timer: NodeJS.Timeout | undefined
 
-  constructor (private readonly lockTtl: number, private readonly logKey: (state: RequestState) => string) {}
+  constructor (private readonly lockTtl: number, private readonly logKey: (storeKey: string) => string) {}
 
   hold (state: RequestState): void {
     this.held.add(state)
@@ -37,10 +37,10 @@ export class LeaseKeeper {
       // Called in an async function, so a store that throws synchronously rejects instead of crashing the timer.
       ;(async () => state.route.store.renew(storeKey, token, this.lockTtl))().then((renewed) => {
         if (!renewed && state.token === token) {
-          request.log.error({ idempotencyKey: this.logKey(state) }, 'idempotency: the lease of a running handler was lost; its response will not be saved')
+          request.log.error({ idempotencyKey: this.logKey(storeKey) }, 'idempotency: the lease of a running handler was lost; its response will not be saved')
         }
       }, (err: unknown) => {
-        request.log.error({ err, idempotencyKey: this.logKey(state) }, 'idempotency: lease renewal failed')
+        request.log.error({ err, idempotencyKey: this.logKey(storeKey) }, 'idempotency: lease renewal failed')
       })
     }
   }

@@ -8,7 +8,7 @@ import { Value } from '@sinclair/typebox/value'
 import { ValueErrorType } from '@sinclair/typebox/errors'
 import { InvalidOptionError } from './errors.js'
 import { defaultFingerprint } from './fingerprint.js'
-import { defaultKeyEncoder } from './key-encoder.js'
+import { defaultKeyEncoder, logKeyFor } from './key-encoder.js'
 import type { KeyRules } from './header.js'
 import { unsavedHeaders } from './response.js'
 import type { preHandlerHookHandler } from 'fastify'
@@ -130,6 +130,8 @@ export interface PluginSettings {
   scope: ScopeFunction | undefined
   keyRules: KeyRules
   keyEncoder: KeyEncoder
+  /** How logs name a store key (see `logKeyFor`). */
+  logKey: (storeKey: string) => string
   telemetry: boolean
   /** Headers never saved with a response. */
   unsavedHeaders: ReadonlySet<string>
@@ -188,6 +190,11 @@ export function resolveOptions (options: FastifyIdempotencyOptions): PluginSetti
   const header = (options.header ?? 'idempotency-key').toLowerCase()
   const key = options.key ?? {}
   const statsOptions = options.stats || {}
+  const statsPreHandler = [statsOptions.preHandler ?? []].flat()
+  if (statsOptions.route !== undefined && statsPreHandler.length === 0) {
+    throw new InvalidOptionError('stats.preHandler', 'is required with stats.route: give the application\'s authentication, so that the stats page is never open by accident')
+  }
+  const keyEncoder = options.keyEncoder ?? defaultKeyEncoder
   const replayHeader = options.replayHeader === false ? false : (options.replayHeader ?? 'idempotent-replayed').toLowerCase()
   return {
     header,
@@ -204,7 +211,8 @@ export function resolveOptions (options: FastifyIdempotencyOptions): PluginSetti
     fingerprint: resolveFingerprint(options.fingerprint),
     scope: options.scope,
     keyRules: { header, maxLength: key.maxLength ?? 255, pattern: key.pattern, uuid: key.uuid ?? false },
-    keyEncoder: options.keyEncoder ?? defaultKeyEncoder,
+    keyEncoder,
+    logKey: logKeyFor(keyEncoder),
     telemetry: options.telemetry ?? false,
     unsavedHeaders: unsavedHeaders(replayHeader, options.replaySetCookie ?? false),
     store: options.store ?? 'memory',
@@ -219,7 +227,7 @@ export function resolveOptions (options: FastifyIdempotencyOptions): PluginSetti
       flushInterval: statsOptions.flushInterval ?? 1000,
       warnRecords: statsOptions.warnRecords ?? 100_000,
       route: statsOptions.route,
-      preHandler: [statsOptions.preHandler ?? []].flat()
+      preHandler: statsPreHandler
     }
   }
 }

@@ -41,9 +41,7 @@ export interface RouteSettings {
   storeErrorPolicy: StoreErrorPolicy
   events: Events
   store: IdempotencyStore
-  /** `'POST /orders'`: how stats and logs name the route. */
-  name: string
-  /** This route's pending stats counters. */
+  /** This route's pending stats counters, named `'POST /orders'` (the methods it covers and its path). */
   counters: RouteCounters
 }
 
@@ -88,7 +86,6 @@ export function resolveRoute (route: RouteOptions, plugin: PluginSettings, store
     storeErrorPolicy: storeErrorPolicy(options.onStoreError, plugin.storeErrorPolicy),
     events: resolveEvents(options, plugin.events),
     store: stores.forRoute(options.redisNamespace, (message) => new InvalidRouteConfigError(name, 'redisNamespace', message)),
-    name: `${[...methods].join(',')} ${route.url}`,
     counters: stats === undefined ? emptyCounters() : stats.counters(`${[...methods].join(',')} ${route.url}`)
   }
 }

@@ -3,9 +3,10 @@
  * route's pending counters (no allocation, no store call); a timer sends the
  * pending counts to a shared store (one `addStats` call per flush interval,
  * off the request path) so that they add up across processes. Stores without
- * `addStats` (the memory store) have their stats kept here, in-process: the
- * same timer moves the pending counts into the in-process totals, so that
- * `stats.ttl` counts from their last change, as in Redis, not from a read.
+ * `addStats` and `readStats` (the memory store) have their stats kept here,
+ * in-process: the same timer moves the pending counts into the in-process
+ * totals, so that `stats.ttl` counts from their last change, as in Redis, not
+ * from a read.
  */
 import type { IdempotencyStats, IdempotencyStore, RouteCounters, StatsCounts, StoreUsage } from '../types/index.js'
 
@@ -30,7 +31,9 @@ export interface StatsSettings {
 export class Stats {
   /** Counts not yet sent to the store, per route; requests write here. */
   private readonly pending = new Map<string, RouteCounters>()
-  /** In-process totals, for stores without `addStats`. */
+  /** Whether the store keeps the stats (both `addStats` and `readStats`); otherwise they are kept here. */
+  private readonly shared: boolean
+  /** In-process totals, when the store does not keep them. */
   private local: StatsCounts = {}
   private localChangedAt = 0
   private readonly timer: NodeJS.Timeout
@@ -41,6 +44,7 @@ export class Stats {
     private readonly onFlushError: (err: unknown) => void,
     private readonly now: () => number = Date.now
   ) {
+    this.shared = store.addStats !== undefined && store.readStats !== undefined
     this.timer = setInterval(() => { this.flush().catch(this.onFlushError) }, settings.flushInterval).unref()
   }
 
@@ -65,19 +69,19 @@ export class Stats {
       Object.assign(counters, emptyCounters())
       any = true
     }
-    if (this.store.addStats === undefined) {
+    if (!this.shared) {
       if (now - this.localChangedAt > this.settings.ttl) this.local = {}
       if (!any) return
       for (const route in counts) addCounters(this.local[route] ??= emptyCounters(), counts[route])
       this.localChangedAt = now
       return
     }
-    if (any) await this.store.addStats(counts, this.settings.ttl)
+    if (any) await this.store.addStats!(counts, this.settings.ttl)
   }
 
   async read (): Promise<IdempotencyStats> {
     await this.flush()
-    const counts = this.store.readStats === undefined ? this.local : await this.store.readStats()
+    const counts = this.shared ? await this.store.readStats!() : this.local
     const usage: StoreUsage = this.store.usage === undefined
       ? { records: 0, bytes: undefined, estimated: true }
       : await this.store.usage()

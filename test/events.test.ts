@@ -5,7 +5,7 @@
  * may be a function that picks the policy of each failure.
  */
 import { test, type Test } from 'tap'
-import type { FastifyRequest } from 'fastify'
+import type { FastifyBaseLogger, FastifyRequest } from 'fastify'
 import type { FastifyIdempotencyOptions, IdempotencyRouteOptions, StoreErrorPolicy } from '../index.js'
 import { build, capturingLogger, ERROR, FlakyStore, gate, RecordingStore, until, type LogLine } from './helpers/app.js'
 
@@ -250,4 +250,41 @@ test('event options that are not functions are refused, per plugin and per route
       code: 'FST_IDEMPOTENCY_INVALID_ROUTE_CONFIG', message: new RegExp(`${name}: must be a function \\(request, key\\) => void`)
     })
   }
+})
+
+test('a replay is logged at debug level, with the hashed key, only when debug lines are kept', async (t) => {
+  const keyEncoder = ({ key }: { key: string }) => `plain:${key}`
+  const replayLines = async (server: Parameters<typeof build>[2]) => {
+    const app = await build(t, { keyEncoder }, server)
+    app.post('/orders', async (_request, reply) => reply.code(201).send({ ok: true }))
+    for (let i = 0; i < 2; i++) {
+      const response = await app.inject({ method: 'POST', url: '/orders', headers: { 'idempotency-key': 'order-9' }, payload: {} })
+      t.equal(response.statusCode, 201)
+    }
+  }
+  const REPLAYED = 'idempotency: replayed a saved response'
+
+  const debug: LogLine[] = []
+  await replayLines(capturingLogger(debug, 'debug'))
+  const logged = debug.filter((line) => line.msg === REPLAYED)
+  t.equal(logged.length, 1, 'pino at debug: one line, for the replay')
+  t.equal(logged[0].level, 20)
+  t.match(logged[0].idempotencyKey, /^sha256:[\w-]{43}$/, 'the store key hashed (a custom encoder)')
+
+  const info: LogLine[] = []
+  await replayLines(capturingLogger(info, 'info'))
+  t.equal(info.filter((line) => line.msg === REPLAYED).length, 0, 'pino at info: none')
+
+  // A logger that cannot tell its level (not pino) is asked to log, and decides itself.
+  const lines: Array<[string, unknown, unknown]> = []
+  const logger = {
+    level: 'debug',
+    child: () => logger,
+    ...Object.fromEntries(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map((level) =>
+      [level, (fields: unknown, msg?: unknown) => { lines.push([level, fields, msg]) }]))
+  }
+  await replayLines({ loggerInstance: logger as unknown as FastifyBaseLogger })
+  const custom = lines.filter(([, , msg]) => msg === REPLAYED)
+  t.equal(custom.length, 1, 'a logger without isLevelEnabled gets the line')
+  t.equal(custom[0][0], 'debug')
 })

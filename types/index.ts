@@ -71,8 +71,8 @@ export interface IdempotencyStore {
   close? (): MaybePromise<void>
   /**
    * Adds counts to the stats that every process shares, kept `ttl` ms after
-   * the last change. Stores without it (the memory store) leave the plugin to
-   * keep stats in-process.
+   * the last change. Stores without it, or without `readStats` (the memory
+   * store), leave the plugin to keep stats in-process.
    */
   addStats? (counts: StatsCounts, ttl: number): MaybePromise<void>
   /** The shared stats, as `addStats` summed them. */
