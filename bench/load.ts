@@ -8,7 +8,7 @@
  * milliseconds, too coarse for responses that take about one.
  */
 import autocannon from 'autocannon'
-import { KEY_HEADER, REQUEST_BODY, ROUTE, type FromLoad, type LoadRequest, type LoadResult, type ToLoad } from './shared.js'
+import { KEY_HEADER, REQUEST_BODY, ROUTE, scenario as scenarioOf, type FromLoad, type LoadRequest, type LoadResult, type ToLoad } from './shared.js'
 
 const BUCKET_MS = 0.01
 const BUCKETS = 100_000 // up to 1 s; slower responses land in the last bucket
@@ -37,15 +37,16 @@ async function run (job: LoadRequest): Promise<LoadResult> {
   let keysSent = 0
   const recent: string[] = []
   let recentAt = 0
-  const seedCount = scenario === 'hot' ? 1 : 1000
+  // The keys run.ts seeded before the warm-up (replay scenarios): one for hot, 1000 for keys1000.
+  const { seedKeys } = scenarioOf(scenario)
   let seedNext = 0
 
   function nextKey (context: Ctx): string {
     keysSent++
     if (job.seed) return seedKey(prefix, seedNext++)
     switch (scenario) {
-      case 'hot': return seedKey(prefix, 0)
-      case 'keys1000': return seedKey(prefix, Math.floor(Math.random() * seedCount))
+      case 'hot':
+      case 'keys1000': return seedKey(prefix, Math.floor(Math.random() * seedKeys))
       case 'mix':
         if (recent.length > 0 && Math.random() < RETRY_SHARE) {
           context.fresh = false
@@ -101,15 +102,16 @@ async function run (job: LoadRequest): Promise<LoadResult> {
     if (job.progressEvery !== undefined && recorded % job.progressEvery === 0) send({ type: 'progress', id: job.id, responses: recorded })
   })
   const result = await done
-  const seconds = (performance.now() - started) / 1000
   const cpu = process.cpuUsage(cpuBefore)
+  // autocannon's own duration (s, to 10 ms); our clock when it reports none.
+  const seconds = result.duration || (performance.now() - started) / 1000
   return {
     requests: result.requests.total,
     non2xx: result.non2xx,
     errors: result.errors,
     timeouts: result.timeouts,
-    seconds: result.duration ?? seconds,
-    rps: result.requests.total / (result.duration || seconds),
+    seconds,
+    rps: result.requests.total / seconds,
     p50: percentile(histogram, recorded, 0.5),
     p99: percentile(histogram, recorded, 0.99),
     keysSent,

@@ -6,30 +6,25 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
 import { once } from 'node:events'
 import { fileURLToPath } from 'node:url'
-import type { FromLoad, FromServer, LoadRequest, LoadResult, ServerStats, ToLoad, ToServer } from './shared.js'
+import { childEnv } from '../test/helpers/redis.js'
+import { ROOT, type FromLoad, type FromServer, type LoadRequest, type LoadResult, type ServerStats, type ToLoad, type ToServer } from './shared.js'
 
-export const ROOT = fileURLToPath(new URL('..', import.meta.url))
 const SERVER = fileURLToPath(new URL('./server.ts', import.meta.url))
 const LOAD = fileURLToPath(new URL('./load.ts', import.meta.url))
 
-/** `taskset` is installed and works here. */
-export const tasksetWorks = spawnSync('taskset', ['-c', '0', 'true'], { stdio: 'ignore' }).status === 0
+const pinnable = (core: number) => spawnSync('taskset', ['-c', String(core), 'true'], { stdio: 'ignore' }).status === 0
+/** `taskset` is installed and can pin to cores 0 and 1 (load generator and server), so both exist here. */
+export const tasksetWorks = pinnable(0) && pinnable(1)
 
 const running = new Set<ChildProcess>()
 process.on('exit', () => {
   for (const child of running) child.kill('SIGKILL')
 })
 
-/** The environment of a child: no coverage collection (the smoke test runs under tap). */
-function childEnv (extra: Record<string, string>): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = { ...process.env, ...extra, _TAPJS_PROCESSINFO_COVERAGE_: '0' }
-  delete env.NODE_V8_COVERAGE
-  return env
-}
-
+/** Starts `file` with tsx, on `core` when given (callers give one only when tasksetWorks). */
 function start (file: string, core: number | undefined, nodeArgs: string[], env: Record<string, string>): ChildProcess {
   const node = [process.execPath, ...nodeArgs, '--import', 'tsx', file]
-  const [command, ...args] = core !== undefined && tasksetWorks ? ['taskset', '-c', String(core), ...node] : node
+  const [command, ...args] = core !== undefined ? ['taskset', '-c', String(core), ...node] : node
   const child = spawn(command, args, { cwd: ROOT, env: childEnv(env), stdio: ['ignore', 'inherit', 'inherit', 'ipc'] })
   running.add(child)
   child.once('exit', () => running.delete(child))
@@ -70,12 +65,31 @@ function waitFor<M, R> (child: ChildProcess, what: string, ms: number, match: (m
   })
 }
 
+/** Waits for the child's first message as waitFor() does; when none comes, kills the child (its IPC channel would keep this process alive). */
+async function waitForStart<M, R> (child: ChildProcess, what: string, match: (message: M) => R | undefined): Promise<R> {
+  try {
+    return await waitFor(child, what, 30_000, match)
+  } catch (err) {
+    child.kill('SIGKILL')
+    throw err
+  }
+}
+
+/** Asks the child to exit with `message`, kills it after `graceMs`, and resolves once it has exited. */
+async function stopChild (child: ChildProcess, message: ToServer | ToLoad, graceMs: number): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return
+  const exited = once(child, 'exit')
+  if (child.connected) child.send(message)
+  else child.kill('SIGKILL')
+  const timer = setTimeout(() => child.kill('SIGKILL'), graceMs)
+  await exited
+  clearTimeout(timer)
+}
+
 let messageId = 0
 
 export interface ServerProcess {
-  name: string
   url: string
-  pid: number
   stats (): Promise<ServerStats>
   /** Runs a full GC first (the process must run with --expose-gc), then reports. */
   statsAfterGc (): Promise<ServerStats>
@@ -91,8 +105,7 @@ export async function startServer (name: string, options: { core?: number, redis
   if (options.redisUrl !== undefined) env.BENCH_REDIS_URL = options.redisUrl
   if (options.verify === true) env.BENCH_VERIFY = '1'
   const child = start(SERVER, options.core, options.nodeArgs ?? [], env)
-  const exited = once(child, 'exit')
-  const port = await waitFor(child, `server ${name}`, 30_000, (message: FromServer) => {
+  const port = await waitForStart(child, `server ${name}`, (message: FromServer) => {
     if (message.type === 'error') throw new Error(`server ${name} failed to start:\n${message.message}`)
     return message.type === 'listening' ? message.port : undefined
   })
@@ -113,20 +126,12 @@ export async function startServer (name: string, options: { core?: number, redis
     await answer
   }
   return {
-    name,
     url: `http://127.0.0.1:${port}`,
     profileStart: () => profile({ type: 'profile-start' }),
     profileStop: (file) => profile({ type: 'profile-stop', file }),
-    pid: child.pid as number,
     stats: () => ask('stats'),
     statsAfterGc: () => ask('gc'),
-    async stop () {
-      if (child.exitCode !== null || child.signalCode !== null) return
-      child.send({ type: 'stop' } satisfies ToServer)
-      const timer = setTimeout(() => child.kill('SIGKILL'), 10_000)
-      await exited
-      clearTimeout(timer)
-    }
+    stop: () => stopChild(child, { type: 'stop' }, 10_000)
   }
 }
 
@@ -137,8 +142,7 @@ export interface LoadProcess {
 
 export async function startLoad (core: number | undefined): Promise<LoadProcess> {
   const child = start(LOAD, core, [], {})
-  const exited = once(child, 'exit')
-  await waitFor(child, 'load generator', 30_000, (message: FromLoad) => message.type === 'ready' ? true : undefined)
+  await waitForStart(child, 'load generator', (message: FromLoad) => message.type === 'ready' ? true : undefined)
   return {
     async run (job, onProgress) {
       const id = ++messageId
@@ -158,12 +162,6 @@ export async function startLoad (core: number | undefined): Promise<LoadProcess>
         child.off('message', onMessage)
       }
     },
-    async stop () {
-      if (child.exitCode !== null || child.signalCode !== null) return
-      child.send({ type: 'exit' } satisfies ToLoad)
-      const timer = setTimeout(() => child.kill('SIGKILL'), 5000)
-      await exited
-      clearTimeout(timer)
-    }
+    stop: () => stopChild(child, { type: 'exit' }, 5000)
   }
 }

@@ -1,15 +1,16 @@
 /**
  * Reads the V8 CPU profiles that `npm run bench -- --profile` has the servers
- * write (`node --cpu-prof`), and summarizes them: where the busy time goes,
- * by function (self time) and, for this plugin's own functions, also with
- * what they call (inclusive time).
+ * write (the inspector's Profiler, in process, over the measured seconds),
+ * and summarizes them: where the busy time goes, by function (self time)
+ * and, for this plugin's own functions, also with what they call
+ * (inclusive time).
  *
  *   tsx bench/profile.ts bench/results/profiles/idempotency-memory.fresh.r1.cpuprofile
  */
-import { existsSync, readFileSync, readdirSync } from 'node:fs'
+import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { pathToFileURL } from 'node:url'
-import { ROOT } from './processes.js'
+import { ROOT } from './shared.js'
 
 interface CallFrame {
   functionName: string
@@ -140,11 +141,10 @@ export function format (summary: ProfileSummary): string {
   return lines.join('\n')
 }
 
-/** Summarizes the profiles that --profile wrote: `<configuration>.<scenario>.r<round>.cpuprofile`. */
-export function summarizeProfiles (dir: string, names: string[], scenarios: string[]): string {
-  if (!existsSync(dir)) return `no profiles in ${dir}`
-  const files = readdirSync(dir).filter((f) => f.endsWith('.cpuprofile') && names.some((n) => f.startsWith(n + '.')) && scenarios.some((s) => f.includes(`.${s}.`)))
-  return files.sort().map((f) => format(summarize(join(dir, f), 20))).join('\n\n')
+/** Summarizes the profiles a --profile run wrote (not older ones left in the same directory). */
+export function summarizeProfiles (files: string[]): string {
+  if (files.length === 0) return 'no profiles written'
+  return [...files].sort().map((f) => format(summarize(f, 20))).join('\n\n')
 }
 
 if (import.meta.url === pathToFileURL(process.argv[1] ?? '').href) {

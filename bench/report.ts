@@ -6,7 +6,7 @@
 import { execFileSync } from 'node:child_process'
 import { readFileSync } from 'node:fs'
 import { availableParallelism } from 'node:os'
-import { CONFIGURATIONS, SCENARIOS, type Configuration, type ScenarioName } from './shared.js'
+import { CONFIGURATIONS, SCENARIOS, type ScenarioName } from './shared.js'
 
 /** One measured load against one fresh server. */
 export interface Measurement {
@@ -52,12 +52,6 @@ export function median (values: number[]): number {
   const sorted = [...values].sort((a, b) => a - b)
   const middle = sorted.length >> 1
   return sorted.length % 2 === 1 ? sorted[middle] : (sorted[middle - 1] + sorted[middle]) / 2
-}
-
-export function configuration (name: string): Configuration {
-  const found = CONFIGURATIONS.find((c) => c.name === name)
-  if (found === undefined) throw new Error(`unknown configuration ${name}`)
-  return found
 }
 
 export function aggregate (measurements: Measurement[]): Row[] {
@@ -118,14 +112,14 @@ export function targets (rows: Row[]): string[] {
     if (value === undefined) out.push(`- not measured: ${label}`)
     else out.push(`- ${ok(value) ? 'met' : 'MISSED'}: ${label}: ${value.toFixed(2)} (target ${bound})`)
   }
-  for (const scenario of ['fresh', 'hot', 'keys1000', 'mix'] as ScenarioName[]) {
+  for (const { name: scenario } of SCENARIOS) {
     const row = get('idempotency-memory', scenario)
     if (row === undefined) continue
     check(`memory store, ${scenario}, req/s × bare`, row.rpsRatio, (v) => v >= 0.80, '≥ 0.80')
     check(`memory store, ${scenario}, CPU × bare`, row.cpuRatio, (v) => v <= 1.25, '≤ 1.25')
     check(`memory store, ${scenario}, p99 × bare`, row.p99Ratio, (v) => v <= 1.5, '≤ 1.5')
   }
-  for (const scenario of ['fresh', 'hot', 'keys1000', 'mix'] as ScenarioName[]) {
+  for (const { name: scenario } of SCENARIOS) {
     const row = get('idempotency-redis', scenario)
     if (row === undefined) continue
     const bound = scenario === 'hot' || scenario === 'keys1000' ? 0.70 : 0.60
@@ -136,7 +130,7 @@ export function targets (rows: Row[]): string[] {
     'idempotency-memory': ['node-idem-memory', 'node-idem-redis', 'powertools-redis', 'express-idempotency'],
     'idempotency-redis': ['node-idem-redis', 'powertools-redis']
   }
-  for (const scenario of ['fresh', 'hot', 'keys1000', 'mix'] as ScenarioName[]) {
+  for (const { name: scenario } of SCENARIOS) {
     for (const [ours, theirs] of Object.entries(peers)) {
       const mine = get(ours, scenario)
       if (mine?.rpsRatio === undefined) continue

@@ -22,10 +22,11 @@ import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { pathToFileURL } from 'node:url'
 import { parseArgs } from 'node:util'
-import { ROOT, startLoad, startServer, tasksetWorks, type LoadProcess } from './processes.js'
+import { redisAvailable, startRedis } from '../test/helpers/redis.js'
+import { startLoad, startServer, tasksetWorks, type LoadProcess } from './processes.js'
 import { summarizeProfiles } from './profile.js'
-import { aggregate, configuration, machine, median, table, targets, type Machine, type Measurement } from './report.js'
-import { CONFIGURATIONS, SCENARIOS, type ScenarioName, type ServerStats } from './shared.js'
+import { aggregate, machine, median, table, targets, type Machine, type Measurement } from './report.js'
+import { CONFIGURATIONS, ROOT, SCENARIOS, configuration, scenario as scenarioOf, type ScenarioName, type ServerStats } from './shared.js'
 
 const { values: args } = parseArgs({
   options: {
@@ -70,23 +71,24 @@ if (args.help) {
 }
 
 const RESULTS = join(ROOT, 'bench', 'results')
+const PROFILES = join(RESULTS, 'profiles')
 const SERVER_CORE = tasksetWorks ? 1 : undefined
 const LOAD_CORE = tasksetWorks ? 0 : undefined
 const runId = randomBytes(4).toString('hex')
 const list = (value: string | undefined) => value?.split(',').map((s) => s.trim()).filter(Boolean)
-const number = (name: string, value: string) => {
+const number = (name: string, value: string, zero = false) => {
   const n = Number(value)
-  if (!Number.isFinite(n) || n <= 0) throw new Error(`--${name} must be a positive number, got ${value}`)
+  if (!Number.isFinite(n) || n < 0 || (n === 0 && !zero)) throw new Error(`--${name} must be a ${zero ? 'non-negative' : 'positive'} number, got ${value}`)
   return n
 }
 
 const duration = number('duration', args.duration)
-const warmup = Number(args.warmup)
+const warmup = number('warmup', args.warmup, true)
 const rounds = number('rounds', args.rounds)
 const connections = number('connections', args.connections)
-const maxNoise = Number(args['max-noise'])
+const maxNoise = number('max-noise', args['max-noise'], true)
 const attempts = number('attempts', args.attempts)
-const quietWait = Number(args['quiet-wait'])
+const quietWait = number('quiet-wait', args['quiet-wait'], true)
 
 let clockTicks = 100
 try {
@@ -131,14 +133,19 @@ interface Redis {
 
 /** A redis-server of our own on a free loopback port, persistence off, pinned with the load generator. */
 async function redisServer (): Promise<Redis | undefined> {
-  const { redisAvailable, startRedis } = await import('../test/helpers/redis.js')
   if (!redisAvailable) return undefined
   const server = await startRedis()
+  // -a: every thread of redis-server (its background threads too), not only the main one.
+  if (LOAD_CORE !== undefined) spawnSync('taskset', ['-apc', String(LOAD_CORE), String(server.pid)], { stdio: 'ignore' })
   const { Redis: Client } = await import('ioredis')
   const client = new Client({ host: '127.0.0.1', port: server.port, lazyConnect: true })
-  await client.connect()
-  const pid = /process_id:(\d+)/.exec(await client.info('server'))?.[1]
-  if (pid !== undefined && LOAD_CORE !== undefined) spawnSync('taskset', ['-pc', String(LOAD_CORE), pid], { stdio: 'ignore' })
+  try {
+    await client.connect()
+  } catch (err) {
+    client.disconnect() // or it keeps reconnecting, and this process alive
+    await server.stop()
+    throw err
+  }
   return {
     url: server.url,
     async cpu () {
@@ -154,14 +161,11 @@ async function redisServer (): Promise<Redis | undefined> {
   }
 }
 
-function selectedConfigurations (redis: boolean): { names: string[], skipped: string[] } {
+/** --only, with the bare framework of each (ratios need it in the same run), in CONFIGURATIONS order. */
+function selectedConfigurations (): string[] {
   const wanted = list(args.only) ?? CONFIGURATIONS.map((c) => c.name)
-  for (const name of wanted) configuration(name) // throws on an unknown name
-  // Ratios need the bare framework of every configuration in the same run.
-  const withBaselines = new Set(wanted.flatMap((name) => [configuration(name).baseline, name]))
-  const names = CONFIGURATIONS.map((c) => c.name).filter((name) => withBaselines.has(name))
-  const skipped = redis ? [] : names.filter((name) => configuration(name).redis)
-  return { names: names.filter((name) => !skipped.includes(name)), skipped }
+  const withBaselines = new Set(wanted.flatMap((name) => [configuration(name).baseline, name])) // throws on an unknown name
+  return CONFIGURATIONS.map((c) => c.name).filter((name) => withBaselines.has(name))
 }
 
 function selectedScenarios (): ScenarioName[] {
@@ -184,6 +188,8 @@ interface Checked {
 
 let cell = 0
 let plugin: string | undefined
+/** The CPU profiles this run wrote (--profile), for the summary. */
+const profiles = new Set<string>()
 
 /** One measurement: a fresh server, seeded, warmed up, measured. */
 async function measure (load: LoadProcess, name: string, scenario: ScenarioName, round: number, redis: Redis | undefined, checks: Checked[]): Promise<Measurement> {
@@ -191,29 +197,35 @@ async function measure (load: LoadProcess, name: string, scenario: ScenarioName,
   try {
     const prefix = `${runId}-${(++cell).toString(36).padStart(4, '0')}-`
     const base = { url: server.url, scenario, connections, prefix }
-    const seedKeys = SCENARIOS.find((s) => s.name === scenario)?.seedKeys ?? 0
+    const { seedKeys } = scenarioOf(scenario)
     if (seedKeys > 0) await load.run({ ...base, duration: 1, amount: seedKeys, seed: true })
     if (warmup > 0) await load.run({ ...base, duration: warmup })
+    // Started before the first stats, so that starting the profiler is not in the measured CPU.
+    if (args.profile) await server.profileStart()
     const before = await server.stats()
     const busyBefore = machineBusyMicros()
     const ownBefore = process.cpuUsage()
-    const redisBefore = await redis?.cpu()
-    if (args.profile) await server.profileStart()
+    const redisBefore = await redis?.cpu() ?? 0
     const result = await load.run({ ...base, duration })
     const busyAfter = machineBusyMicros()
     const own = process.cpuUsage(ownBefore)
     const after = await server.stats()
     if (args.profile) {
-      mkdirSync(join(RESULTS, 'profiles'), { recursive: true })
-      await server.profileStop(join(RESULTS, 'profiles', `${name}.${scenario}.r${round}.cpuprofile`))
+      const file = join(PROFILES, `${name}.${scenario}.r${round}.cpuprofile`)
+      mkdirSync(PROFILES, { recursive: true })
+      await server.profileStop(file)
+      profiles.add(file)
     }
-    const redisCpu = redis === undefined ? 0 : await redis.cpu() - (redisBefore as number)
+    const redisCpu = (await redis?.cpu() ?? 0) - redisBefore
     // What other processes used meanwhile (another test run, a package install…), in cores.
     const noise = busyBefore === undefined || busyAfter === undefined
       ? 0
       : Math.max(0, busyAfter - busyBefore - (after.cpuMicros - before.cpuMicros) - result.cpuMicros - own.user - own.system - redisCpu) / (result.seconds * 1e6)
     checks.push({ config: name, scenario, round, stats: after, before, keysSent: result.keysSent, statusCodes: result.statusCodes })
     if (result.requests === 0) throw new Error(`${name} ${scenario}: no response at all (errors ${result.errors}, timeouts ${result.timeouts})`)
+    // Per request the server took in over the measured window: the server's CPU covers the requests still
+    // in flight when the load generator stopped (up to one per connection), which it never counts as answered.
+    const served = after.requests - before.requests
     return {
       round,
       config: name,
@@ -221,11 +233,11 @@ async function measure (load: LoadProcess, name: string, scenario: ScenarioName,
       rps: result.rps,
       p50: result.p50,
       p99: result.p99,
-      cpuPerRequest: (after.cpuMicros - before.cpuMicros) / result.requests,
+      cpuPerRequest: (after.cpuMicros - before.cpuMicros) / served,
       requests: result.requests,
       non2xx: result.non2xx,
       errors: result.errors + result.timeouts,
-      handlerShare: (after.handlerRuns - before.handlerRuns) / result.requests,
+      handlerShare: (after.handlerRuns - before.handlerRuns) / served,
       noise,
       statusCodes: result.statusCodes
     }
@@ -277,11 +289,12 @@ function commandLine (): string {
 
 async function benchmark (): Promise<void> {
   const scenarios = selectedScenarios()
-  const wantsRedis = (list(args.only) ?? CONFIGURATIONS.map((c) => c.name)).some((name) => configuration(name).redis)
-  const redis = wantsRedis ? await redisServer() : undefined
-  const { names, skipped } = selectedConfigurations(redis !== undefined)
-  const host = machine()
+  const selected = selectedConfigurations()
   plugin = buildPlugin()
+  const redis = selected.some((name) => configuration(name).redis) ? await redisServer() : undefined
+  const skipped = redis === undefined ? selected.filter((name) => configuration(name).redis) : []
+  const names = selected.filter((name) => !skipped.includes(name))
+  const host = machine()
   const notes: string[] = []
   if (skipped.length > 0) {
     notes.push(`SKIPPED ${skipped.join(', ')}: redis-server is not installed (apt-get install redis-server); the Redis configurations need a local one.`)
@@ -291,11 +304,12 @@ async function benchmark (): Promise<void> {
   console.log(`machine: ${describe(host)}`)
   console.log(`configurations: ${names.join(', ')}; scenarios: ${scenarios.join(', ')}; ${rounds} round(s) of ${duration} s (+${warmup} s warm-up), ${connections} connections`)
 
-  const load = await startLoad(LOAD_CORE)
   const measurements: Measurement[] = []
   const checks: Checked[] = []
   const started = Date.now()
+  let load: LoadProcess | undefined
   try {
+    load = await startLoad(LOAD_CORE)
     for (let round = 1; round <= rounds; round++) {
       for (const scenario of scenarios) {
         for (const name of names) {
@@ -306,7 +320,7 @@ async function benchmark (): Promise<void> {
       }
     }
   } finally {
-    await load.stop()
+    await load?.stop()
     await redis?.stop()
   }
 
@@ -325,13 +339,13 @@ async function benchmark (): Promise<void> {
     console.log(`written: bench/results/latest.md (${minutes} min)`)
   }
   if (args.profile) {
-    console.log(summarizeProfiles(join(RESULTS, 'profiles'), names, scenarios))
+    console.log(summarizeProfiles([...profiles]))
   }
 }
 
 function markdown (r: { host: Machine, names: string[], scenarios: ScenarioName[], text: string, goals: string[], notes: string[], minutes: string }): string {
   const configs = r.names.map((name) => `- \`${name}\`: ${configuration(name).what}`).join('\n')
-  const scenarios = r.scenarios.map((name) => `- \`${name}\`: ${SCENARIOS.find((s) => s.name === name)?.what}`).join('\n')
+  const scenarios = r.scenarios.map((name) => `- \`${name}\`: ${scenarioOf(name).what}`).join('\n')
   return `# Benchmark results
 
 Written by \`${commandLine()}\` on ${new Date().toISOString().slice(0, 10)} (${r.minutes} min).
@@ -349,7 +363,7 @@ ${scenarios}
 
 ## Table
 
-Medians over the rounds. Ratios (× bare) are medians of per-round ratios to the bare framework of the same round and scenario: Fastify for the Fastify configurations, Express for \`express-idempotency\`. CPU µs/req is the server process's own \`process.cpuUsage()\` (user + system) over the measured seconds, divided by the requests answered. Latency from the load generator, at 10 µs resolution. "handler runs/req" is how often the route's handler ran per answered request (1: every request ran it; 0: all were replays). "other CPU" is what processes outside the benchmark used meanwhile, in cores (median over the rounds): a measurement during which they used more than ${maxNoise} cores was repeated on a fresh server, up to ${attempts} attempts, keeping the quietest.
+Medians over the rounds. Ratios (× bare) are medians of per-round ratios to the bare framework of the same round and scenario: Fastify for the Fastify configurations, Express for \`express-idempotency\`. CPU µs/req is the server process's own \`process.cpuUsage()\` (user + system) over the measured seconds, divided by the requests the server received in them (counting those still in flight when the load stops, which the load generator does not). Latency from the load generator, at 10 µs resolution. "handler runs/req" is how often the route's handler ran per request received (1: every request ran it; 0: all were replays). "other CPU" is what processes outside the benchmark used meanwhile, in cores (median over the rounds): a measurement during which they used more than ${maxNoise} cores was repeated on a fresh server, up to ${attempts} attempts, keeping the quietest.
 
 ${r.text}
 

@@ -5,9 +5,10 @@
  * same order out (about 200 bytes), 201.
  *
  * It listens on 127.0.0.1, port 0, tells its port over IPC, and answers
- * 'stats' messages with its own `process.cpuUsage()`, memory and handler
- * counts. run.ts asks between loads, never under load, so the CPU figures
- * are the server's work on the measured requests and nothing else.
+ * 'stats' messages with its own `process.cpuUsage()`, memory, and request
+ * and handler counts. run.ts asks between loads, never under load, so the
+ * CPU figures are the server's work on the measured requests and nothing
+ * else.
  *
  * BENCH_VERIFY=1 also records every key that reaches the server and every
  * key the handler ran for (a Set each: only for checks, it costs time).
@@ -24,7 +25,7 @@ import { createServer, type Server } from 'node:http'
 import { Session } from 'node:inspector/promises'
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
 import type { MemoryStore } from '../index.js'
-import { CONFIGURATIONS, KEY_HEADER, ROUTE, orderFor, type FromServer, type OrderInput, type ServerStats, type ToServer } from './shared.js'
+import { KEY_HEADER, ROUTE, configuration, orderFor, type FromServer, type OrderInput, type ServerStats, type ToServer } from './shared.js'
 
 type Plugin = typeof import('../index.js')
 const pluginEntry = process.env.BENCH_PLUGIN ?? '../index.js'
@@ -32,8 +33,8 @@ const loadPlugin = () => import(pluginEntry) as Promise<Plugin>
 const name = process.env.BENCH_CONFIG ?? ''
 const redisUrl = process.env.BENCH_REDIS_URL
 const verify = process.env.BENCH_VERIFY === '1'
-const configuration = CONFIGURATIONS.find((c) => c.name === name)
 
+let requests = 0
 let handlerRuns = 0
 let keyedRequests = 0
 const requestKeys = new Set<string>()
@@ -134,6 +135,7 @@ function stats (): ServerStats {
   const memory = process.memoryUsage()
   return {
     cpuMicros: cpu.user + cpu.system,
+    requests,
     handlerRuns,
     rss: memory.rss,
     heapUsed: memory.heapUsed,
@@ -161,24 +163,27 @@ async function profileStop (file: string): Promise<void> {
 }
 
 async function main (): Promise<void> {
-  if (configuration === undefined) throw new Error(`BENCH_CONFIG: unknown configuration '${name}'`)
-  if (configuration.redis && redisUrl === undefined) throw new Error(`${name} needs BENCH_REDIS_URL`)
-  let port: number
+  const { framework, redis } = configuration(name)
+  if (redis && redisUrl === undefined) throw new Error(`${name} needs BENCH_REDIS_URL`)
+  let server: Server
   let close: () => Promise<unknown>
-  if (configuration.framework === 'fastify') {
+  if (framework === 'fastify') {
     const app = await fastifyApp()
     await app.listen({ host: '127.0.0.1', port: 0 })
-    port = (app.server.address() as { port: number }).port
+    server = app.server
     close = () => app.close()
   } else {
-    const server = await expressServer()
-    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
-    port = (server.address() as { port: number }).port
+    const express = await expressServer()
+    await new Promise<void>((resolve) => express.listen(0, '127.0.0.1', resolve))
+    server = express
     close = () => new Promise((resolve) => {
-      server.close(resolve)
-      server.closeAllConnections()
+      express.close(resolve)
+      express.closeAllConnections()
     })
   }
+  // Every request the server took in, whether the load generator still waited for its answer or not.
+  server.on('request', () => { requests++ })
+  const port = (server.address() as { port: number }).port
   process.on('message', (message: ToServer) => {
     if (message.type === 'stats') send({ type: 'stats', id: message.id, stats: stats() })
     else if (message.type === 'gc') {

@@ -4,6 +4,10 @@
  * orchestrator (run.ts), the servers (server.ts) and the load generator
  * (load.ts) exchange over IPC.
  */
+import { fileURLToPath } from 'node:url'
+
+/** The repository's root directory. */
+export const ROOT = fileURLToPath(new URL('..', import.meta.url))
 
 /** One server set-up under test. `baseline` names the bare framework its ratios are taken against. */
 export interface Configuration {
@@ -26,6 +30,12 @@ export const CONFIGURATIONS: Configuration[] = [
   { name: 'express-idempotency', framework: 'express', baseline: 'express', redis: false, what: 'express-idempotency, its default in-memory adapter' }
 ]
 
+export function configuration (name: string): Configuration {
+  const found = CONFIGURATIONS.find((c) => c.name === name)
+  if (found === undefined) throw new Error(`unknown configuration ${name}`)
+  return found
+}
+
 export type ScenarioName = 'fresh' | 'hot' | 'keys1000' | 'mix'
 
 export interface Scenario {
@@ -41,6 +51,10 @@ export const SCENARIOS: Scenario[] = [
   { name: 'keys1000', what: '(c) 1000 keys, replayed at random', seedKeys: 1000 },
   { name: 'mix', what: '(d) 90% new keys, 10% retries of recently answered keys', seedKeys: 0 }
 ]
+
+export function scenario (name: ScenarioName): Scenario {
+  return SCENARIOS.find((s) => s.name === name) as Scenario
+}
 
 export const ROUTE = '/orders'
 export const KEY_HEADER = 'idempotency-key'
@@ -74,6 +88,8 @@ export function orderFor (input: OrderInput, sequence: number): Record<string, u
 export interface ServerStats {
   /** process.cpuUsage() user + system, µs, since the process started. */
   cpuMicros: number
+  /** Requests the server has taken in (its 'request' events), including those the load generator stopped waiting for. */
+  requests: number
   handlerRuns: number
   rss: number
   heapUsed: number

@@ -14,6 +14,7 @@ import { Idempotency, IdempotencyError, IdempotencyErrorCodes, type IdempotencyP
 import { MemoryStorageAdapter } from '@node-idempotency/storage-adapter-memory'
 import { RedisStorageAdapter } from '@node-idempotency/storage-adapter-redis'
 import type { FastifyInstance, FastifyRequest } from 'fastify'
+import { KEY_HEADER } from '../shared.js'
 
 const STATUS: Record<string, number> = {
   [IdempotencyErrorCodes.REQUEST_IN_PROGRESS]: 409,
@@ -65,7 +66,7 @@ export async function nodeIdempotencyHooks (
       throw err
     }
     if (cached === undefined) {
-      if (request.headers['idempotency-key'] !== undefined) (request as Marked)[kRan] = true
+      if (request.headers[KEY_HEADER] !== undefined) (request as Marked)[kRan] = true
       return
     }
     const additional = cached.additional ?? {}

@@ -21,7 +21,7 @@ import { IdempotencyAlreadyInProgressError, IdempotencyConfig, IdempotencyValida
 import { CachePersistenceLayer } from '@aws-lambda-powertools/idempotency/cache'
 import { createClient } from '@redis/client'
 import type { FastifyReply, FastifyRequest } from 'fastify'
-import type { OrderInput } from '../shared.js'
+import { KEY_HEADER, type OrderInput } from '../shared.js'
 
 interface OrdersEvent {
   httpMethod: string
@@ -58,10 +58,10 @@ export async function powertoolsRoute (
   const client = await createClient({ url: redisUrl }).connect()
   closers.push(() => client.close())
   const persistenceStore = new CachePersistenceLayer({ client })
-  const config = new IdempotencyConfig({ eventKeyJmesPath: 'headers."idempotency-key"' })
+  const config = new IdempotencyConfig({ eventKeyJmesPath: `headers."${KEY_HEADER}"` })
 
   const handler = makeIdempotent(async (event: OrdersEvent, _context: typeof fakeContext): Promise<LambdaResult> => {
-    const order = placeOrder(event.body, event.headers['idempotency-key'])
+    const order = placeOrder(event.body, event.headers[KEY_HEADER])
     return { statusCode: 201, headers: { 'content-type': 'application/json; charset=utf-8' }, body: JSON.stringify(order) }
   }, { persistenceStore, config })
 
