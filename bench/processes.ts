@@ -6,7 +6,7 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
 import { once } from 'node:events'
 import { fileURLToPath } from 'node:url'
-import { childEnv } from '../test/helpers/redis.js'
+import { childEnv, reap } from '../support/processes.js'
 import { ROOT, type FromLoad, type FromServer, type LoadRequest, type LoadResult, type ServerStats, type ToLoad, type ToServer } from './shared.js'
 
 const SERVER = fileURLToPath(new URL('./server.ts', import.meta.url))
@@ -16,19 +16,11 @@ const pinnable = (core: number) => spawnSync('taskset', ['-c', String(core), 'tr
 /** `taskset` is installed and can pin to cores 0 and 1 (load generator and server), so both exist here. */
 export const tasksetWorks = pinnable(0) && pinnable(1)
 
-const running = new Set<ChildProcess>()
-process.on('exit', () => {
-  for (const child of running) child.kill('SIGKILL')
-})
-
 /** Starts `file` with tsx, on `core` when given (callers give one only when tasksetWorks). */
 function start (file: string, core: number | undefined, nodeArgs: string[], env: Record<string, string>): ChildProcess {
   const node = [process.execPath, ...nodeArgs, '--import', 'tsx', file]
   const [command, ...args] = core !== undefined ? ['taskset', '-c', String(core), ...node] : node
-  const child = spawn(command, args, { cwd: ROOT, env: childEnv(env), stdio: ['ignore', 'inherit', 'inherit', 'ipc'] })
-  running.add(child)
-  child.once('exit', () => running.delete(child))
-  return child
+  return reap(spawn(command, args, { cwd: ROOT, env: childEnv(env), stdio: ['ignore', 'inherit', 'inherit', 'ipc'] }))
 }
 
 /** Waits for the first message that `match` accepts, or fails on exit or after `ms`. */

@@ -1,4 +1,5 @@
 import t from 'tap'
+import './helpers/crash-guard.js'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { MemoryStore, type MemoryStoreOptions } from '../lib/stores/memory.js'
 import { sampleResponse, storeContract } from './helpers/store-contract.js'

@@ -2,6 +2,7 @@
  * Shared fixtures for the behaviour tests: an app with the plugin registered
  * and closed at teardown, a log capture, and stores that fail on demand.
  */
+import './crash-guard.js'
 import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify'
 import fastifyIdempotency, { MemoryStore } from '../../index.js'
 import type { FastifyIdempotencyOptions, IdempotencyStore, StoredResponse } from '../../index.js'

@@ -2,11 +2,11 @@
  * Child processes that run a fixture server with tsx: started, asked for
  * their port, and stopped (or killed) at the end whatever happened.
  */
-import { spawn, type ChildProcess } from 'node:child_process'
+import { spawn } from 'node:child_process'
 import { once } from 'node:events'
 import { createInterface } from 'node:readline'
 import { fileURLToPath } from 'node:url'
-import { childEnv } from './redis.js'
+import { childEnv, reap } from './processes.js'
 
 export interface FixtureProcess {
   port: number
@@ -17,22 +17,15 @@ export interface FixtureProcess {
   stop (): Promise<void>
 }
 
-const running = new Set<ChildProcess>()
-process.on('exit', () => {
-  for (const child of running) child.kill('SIGKILL')
-})
-
-/** Starts `test/fixtures/<name>` with `node --import tsx` and waits for the port it prints. */
+/** Starts `test/integration/fixtures/<name>` with `node --import tsx` and waits for the port it prints. */
 export async function startFixture (name: string, env: Record<string, string>): Promise<FixtureProcess> {
-  const file = fileURLToPath(new URL(`../fixtures/${name}`, import.meta.url))
-  const child = spawn(process.execPath, ['--import', 'tsx', file], { env: childEnv(env), stdio: ['ignore', 'pipe', 'pipe'] })
-  running.add(child)
+  const file = fileURLToPath(new URL(`../test/integration/fixtures/${name}`, import.meta.url))
+  const child = reap(spawn(process.execPath, ['--import', 'tsx', file], { env: childEnv(env), stdio: ['ignore', 'pipe', 'pipe'] }))
   let stderr = ''
   child.stderr.on('data', (chunk) => { stderr += chunk })
   let exited = false
   const exit = once(child, 'exit').then(() => {
     exited = true
-    running.delete(child)
   })
   const stop = async () => {
     if (exited) return

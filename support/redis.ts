@@ -1,5 +1,5 @@
 /**
- * Real Redis for the tests: a `redis-server` on a free loopback port with
+ * Real Redis for the tests and the benchmark: a `redis-server` on a free loopback port with
  * persistence off, or a three-node Cluster. Every server started here is
  * stopped by `stop()`, and killed when the test process exits whatever
  * happened.
@@ -9,12 +9,11 @@
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
 import { mkdtempSync, rmSync } from 'node:fs'
-import { createConnection, createServer } from 'node:net'
+import { createConnection } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
-
-const HOST = '127.0.0.1'
+import { HOST, freePort, reap } from './processes.js'
 const INSTALL = 'redis-server is not installed: apt-get install redis-server redis-tools'
 
 function onPath (command: string): boolean {
@@ -67,23 +66,6 @@ export interface RedisCluster {
   stop (): Promise<void>
 }
 
-const running = new Set<ChildProcess>()
-process.on('exit', () => {
-  for (const child of running) child.kill('SIGKILL')
-})
-
-/** A port nobody listens on right now. */
-async function freePort (): Promise<number> {
-  const server = createServer()
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject)
-    server.listen(0, HOST, resolve)
-  })
-  const { port } = server.address() as { port: number }
-  await new Promise((resolve) => server.close(resolve))
-  return port
-}
-
 /** Sends one inline command and returns the raw reply, or undefined if nothing answers. */
 async function ask (port: number, command: string): Promise<string | undefined> {
   return await new Promise((resolve) => {
@@ -124,15 +106,13 @@ async function spawnServer (extra: (port: number) => Promise<string[]>, dir: str
   for (let attempt = 1; ; attempt++) {
     const port = fixedPort ?? await freePort()
     const args = ['--port', String(port), '--bind', HOST, '--save', '', '--appendonly', 'no', '--dir', dir, ...await extra(port)]
-    const child = spawn('redis-server', args, { stdio: ['ignore', 'pipe', 'pipe'] })
-    running.add(child)
+    const child = reap(spawn('redis-server', args, { stdio: ['ignore', 'pipe', 'pipe'] }))
     let output = ''
     child.stdout.on('data', (chunk) => { output += chunk })
     child.stderr.on('data', (chunk) => { output += chunk })
     let dead = false
     const exited = new Promise<void>((resolve) => child.once('exit', () => {
       dead = true
-      running.delete(child)
       resolve()
     }))
     const stop = async () => {
@@ -220,16 +200,4 @@ let unique = 0
 /** A key prefix no other test (or test file running in parallel) uses. */
 export function uniquePrefix (name = 'test'): string {
   return `idem-test:${process.pid}:${name}:${++unique}:`
-}
-
-/**
- * The environment for a child process that runs a fixture with tsx, with
- * coverage off: tap's process tracking re-adds its own variables to every
- * child it sees spawned, and a child's coverage of the sources as tsx
- * transpiled them would be merged, with wrong line numbers, into the test's.
- */
-export function childEnv (extra: Record<string, string> = {}): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = { ...process.env, ...extra, _TAPJS_PROCESSINFO_COVERAGE_: '0' }
-  delete env.NODE_V8_COVERAGE
-  return env
 }

@@ -7,10 +7,10 @@
 import t from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { Redis } from 'ioredis'
-import { defaultKeyEncoder } from '../index.js'
-import { ERROR, type LogLine } from './helpers/app.js'
-import { startFixture, type FixtureProcess } from './helpers/fixture.js'
-import { startRedis, uniquePrefix, withRedis, type RedisServer } from './helpers/redis.js'
+import { defaultKeyEncoder } from '../../index.js'
+import { ERROR, type LogLine } from '../helpers/app.js'
+import { startFixture, type FixtureProcess } from '../../support/fixture.js'
+import { startRedis, uniquePrefix, withRedis, type RedisServer } from '../../support/redis.js'
 
 interface Answer {
   key: string

@@ -1,14 +1,16 @@
 import t from 'tap'
+import '../helpers/crash-guard.js'
 import { spawn, spawnSync } from 'node:child_process'
 import { createConnection, createServer } from 'node:net'
 import { createInterface } from 'node:readline'
 import { setTimeout as sleep } from 'node:timers/promises'
 import Fastify from 'fastify'
 import { Redis, type RedisOptions } from 'ioredis'
-import fastifyIdempotency from '../index.js'
-import { RedisStore } from '../lib/stores/redis.js'
-import { childEnv, startRedis, uniquePrefix, withRedis, type RedisServer } from './helpers/redis.js'
-import { BINARY, sampleResponse, storeContract } from './helpers/store-contract.js'
+import fastifyIdempotency from '../../index.js'
+import { RedisStore } from '../../lib/stores/redis.js'
+import { childEnv } from '../../support/processes.js'
+import { startRedis, uniquePrefix, withRedis, type RedisServer } from '../../support/redis.js'
+import { BINARY, sampleResponse, storeContract } from '../helpers/store-contract.js'
 
 const LONG = 60_000
 
@@ -128,7 +130,7 @@ withRedis(t, (t) => {
   t.test('tokens are unique across processes, without per-request randomness', async (t) => {
     const script = `
       import { Redis } from 'ioredis'
-      import { RedisStore } from ${JSON.stringify(new URL('../lib/stores/redis.ts', import.meta.url).pathname)}
+      import { RedisStore } from ${JSON.stringify(new URL('../../lib/stores/redis.ts', import.meta.url).pathname)}
       const client = new Redis({ host: '127.0.0.1', port: ${server.port} })
       const store = new RedisStore({ client, prefix: process.argv[1] })
       const a = await store.claim('a', undefined, 60000)

@@ -4,11 +4,12 @@
  * and answers a Redis outage within `storeTimeout` by its `onStoreError` policy.
  */
 import t from 'tap'
+import '../helpers/crash-guard.js'
 import Fastify, { type FastifyInstance } from 'fastify'
 import fastifyRedis from '@fastify/redis'
 import { Redis } from 'ioredis'
-import fastifyIdempotency, { RedisStore, type FastifyIdempotencyOptions } from '../index.js'
-import { startRedis, withRedis, type RedisServer } from './helpers/redis.js'
+import fastifyIdempotency, { RedisStore, type FastifyIdempotencyOptions } from '../../index.js'
+import { startRedis, withRedis, type RedisServer } from '../../support/redis.js'
 
 withRedis(t, (t) => {
   let server: RedisServer

@@ -9,11 +9,11 @@ import t from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
 import Fastify, { type FastifyInstance } from 'fastify'
 import { Cluster, Redis } from 'ioredis'
-import fastifyIdempotency, { type FastifyIdempotencyOptions, type StatsOptions } from '../index.js'
-import { RedisStore } from '../lib/stores/redis.js'
-import { capturingLogger, ERROR, type LogLine, type Teardown } from './helpers/app.js'
-import { startRedis, startRedisCluster, uniquePrefix, withRedis, type RedisCluster, type RedisServer } from './helpers/redis.js'
-import { sampleResponse } from './helpers/store-contract.js'
+import fastifyIdempotency, { type FastifyIdempotencyOptions, type StatsOptions } from '../../index.js'
+import { RedisStore } from '../../lib/stores/redis.js'
+import { capturingLogger, ERROR, type LogLine, type Teardown } from '../helpers/app.js'
+import { startRedis, startRedisCluster, uniquePrefix, withRedis, type RedisCluster, type RedisServer } from '../../support/redis.js'
+import { sampleResponse } from '../helpers/store-contract.js'
 
 const LONG = 60 * 60 * 1000
 

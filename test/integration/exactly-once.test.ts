@@ -4,10 +4,11 @@
  * several times at once to both.
  */
 import t from 'tap'
+import '../helpers/crash-guard.js'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { Redis } from 'ioredis'
-import { startFixture, type FixtureProcess } from './helpers/fixture.js'
-import { startRedis, uniquePrefix, withRedis, type RedisServer } from './helpers/redis.js'
+import { startFixture, type FixtureProcess } from '../../support/fixture.js'
+import { startRedis, uniquePrefix, withRedis, type RedisServer } from '../../support/redis.js'
 
 interface Answer {
   status: number

@@ -10,13 +10,14 @@
 import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto'
 import { setTimeout as sleep } from 'node:timers/promises'
 import t, { type Test } from 'tap'
+import '../helpers/crash-guard.js'
 import fp from 'fastify-plugin'
 import Fastify, { type FastifyInstance, type FastifyRequest } from 'fastify'
 import fastifyRedis from '@fastify/redis'
 import { Redis } from 'ioredis'
-import fastifyIdempotency, { defaultKeyEncoder } from '../index.js'
-import type { CompletedRecord, FastifyIdempotencyOptions } from '../index.js'
-import { startRedis, withRedis, type RedisServer } from './helpers/redis.js'
+import fastifyIdempotency, { defaultKeyEncoder } from '../../index.js'
+import type { CompletedRecord, FastifyIdempotencyOptions } from '../../index.js'
+import { startRedis, withRedis, type RedisServer } from '../../support/redis.js'
 
 declare module 'fastify' {
   interface FastifyRequest {

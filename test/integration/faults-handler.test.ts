@@ -13,10 +13,10 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import t, { type Test } from 'tap'
 import type { FastifyInstance, FastifyServerOptions } from 'fastify'
 import { Redis } from 'ioredis'
-import { MemoryStore, RedisStore } from '../index.js'
-import type { ClaimResult, FastifyIdempotencyOptions, IdempotencyStore, StoredResponse } from '../index.js'
-import { build, capturingLogger, ERROR, gate, until, type LogLine } from './helpers/app.js'
-import { startRedis, uniquePrefix, withRedis } from './helpers/redis.js'
+import { MemoryStore, RedisStore } from '../../index.js'
+import type { ClaimResult, FastifyIdempotencyOptions, IdempotencyStore, StoredResponse } from '../../index.js'
+import { build, capturingLogger, ERROR, gate, until, type LogLine } from '../helpers/app.js'
+import { startRedis, uniquePrefix, withRedis } from '../../support/redis.js'
 
 /**
  * Wraps a store and records what the plugin asked and what the store said.

@@ -1,13 +1,14 @@
 import t from 'tap'
+import '../helpers/crash-guard.js'
 import { setTimeout as sleep } from 'node:timers/promises'
 import fastifyRedis from '@fastify/redis'
 import Fastify from 'fastify'
 import { Cluster, type ClusterOptions } from 'ioredis'
-import fastifyIdempotency from '../index.js'
-import { defaultKeyEncoder } from '../lib/key-encoder.js'
-import { RedisStore } from '../lib/stores/redis.js'
-import { startRedisCluster, uniquePrefix, withRedis, type RedisCluster } from './helpers/redis.js'
-import { BINARY, sampleResponse, storeContract } from './helpers/store-contract.js'
+import fastifyIdempotency from '../../index.js'
+import { defaultKeyEncoder } from '../../lib/key-encoder.js'
+import { RedisStore } from '../../lib/stores/redis.js'
+import { startRedisCluster, uniquePrefix, withRedis, type RedisCluster } from '../../support/redis.js'
+import { BINARY, sampleResponse, storeContract } from '../helpers/store-contract.js'
 
 const LONG = 60_000
 

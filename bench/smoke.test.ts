@@ -12,7 +12,7 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
-import { childEnv } from './helpers/redis.js'
+import { childEnv } from '../support/processes.js'
 
 interface Row { config: string, scenario: string, rps: number, handlerShare: number }
 interface Check {

@@ -11,7 +11,7 @@ import t from 'tap'
 import { existsSync } from 'node:fs'
 import { chromium, type Browser, type Page } from 'playwright-core'
 import type { FastifyInstance } from 'fastify'
-import { build, gate, until, type Teardown } from './helpers/app.js'
+import { build, gate, until, type Teardown } from '../helpers/app.js'
 
 const CHROMIUM = '/usr/bin/chromium'
 const INSTALL = 'Chromium is not installed: apt-get install chromium'

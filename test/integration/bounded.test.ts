@@ -14,9 +14,10 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import t, { type Test } from 'tap'
 import type { FastifyInstance } from 'fastify'
 import { Redis } from 'ioredis'
-import { MemoryStore, RedisStore } from '../index.js'
-import { build } from './helpers/app.js'
-import { childEnv, startRedis, uniquePrefix, withRedis } from './helpers/redis.js'
+import { MemoryStore, RedisStore } from '../../index.js'
+import { build } from '../helpers/app.js'
+import { childEnv } from '../../support/processes.js'
+import { startRedis, uniquePrefix, withRedis } from '../../support/redis.js'
 
 const LONG = process.env.IDEMPOTENCY_LONG_TESTS === '1'
 /**
