@@ -72,3 +72,58 @@ export const InvalidRouteConfigError = createError(
   'FST_IDEMPOTENCY_INVALID_ROUTE_CONFIG',
   'fastify-idempotency: invalid config.idempotency on route %s: %s: %s'
 )
+
+/** `scope` returned something that is not a principal (a string or a finite number); sent as a 500. */
+export const InvalidScopeError = createError(
+  'FST_IDEMPOTENCY_INVALID_SCOPE',
+  'The idempotency scope of this route returned %s; it must return a string or a finite number (or undefined for none)',
+  500,
+  Error,
+  false
+)
+
+/**
+ * The store holds as many in-flight claims as it may (the memory store's
+ * `maxClaims`): the request is refused with `Retry-After`, whatever
+ * `onStoreError` says, so that one client flooding claims can never switch
+ * idempotency off for the others.
+ */
+export const StoreFullError = createError(
+  'FST_IDEMPOTENCY_STORE_FULL',
+  'The idempotency store holds too many requests in flight; the request was not processed, retry later',
+  503,
+  Error,
+  false
+)
+
+/**
+ * `reply.idempotency.completeWith` found that this request no longer holds
+ * its claim (its lease expired and another request took the key): the
+ * transaction must roll back.
+ */
+export const ClaimLostError = createError(
+  'FST_IDEMPOTENCY_CLAIM_LOST',
+  'This request no longer holds its idempotency key (its lease expired and another request took it over); nothing was saved',
+  409,
+  Error,
+  false
+)
+
+/** `reply.idempotency.completeWith` was called where it cannot work (another store, or a request that holds no claim). */
+export const CompleteWithError = createError(
+  'FST_IDEMPOTENCY_COMPLETE_WITH',
+  'reply.idempotency.completeWith: %s',
+  500
+)
+
+/** Redis acknowledged a write on fewer replicas than the `redis.replicas` option asks for. */
+export const NotReplicatedError = createError(
+  'FST_IDEMPOTENCY_NOT_REPLICATED',
+  'Redis acknowledged the write on %d of %d replicas within %d ms'
+)
+
+/** `redis.requireNoEviction` is set and Redis may evict keys (its `maxmemory-policy` is not `noeviction`). */
+export const RedisEvictionError = createError(
+  'FST_IDEMPOTENCY_REDIS_EVICTION',
+  'Redis runs with maxmemory-policy %s: it may evict idempotency records, and a retry would then run the handler again. Set maxmemory-policy noeviction on this Redis (or unset redis.requireNoEviction)'
+)
