@@ -127,3 +127,9 @@ export const RedisEvictionError = createError(
   'FST_IDEMPOTENCY_REDIS_EVICTION',
   'Redis runs with maxmemory-policy %s: it may evict idempotency records, and a retry would then run the handler again. Set maxmemory-policy noeviction on this Redis (or unset redis.requireNoEviction)'
 )
+
+/** The plugin is registered where it is registered already (the same app, or a plugin that inherits it). */
+export const RegisteredTwiceError = createError(
+  'FST_IDEMPOTENCY_REGISTERED_TWICE',
+  'fastify-idempotency is registered twice here (in the same app, or again inside a plugin that inherits it): every covered route would claim its key twice. Register it once; give routes their own options with config.idempotency, or register it in sibling plugins (app.register(async (child) => { … })) for groups of routes that need different plugin options'
+)

@@ -5,7 +5,6 @@
  * copied, never changed in place (an application may share them).
  */
 import type { RouteOptions } from 'fastify'
-import type { PluginSettings } from './options.js'
 import type { RouteSettings } from './route-config.js'
 
 type JsonSchema = Record<string, unknown>
@@ -37,7 +36,8 @@ const problemBody: JsonSchema = {
 
 const retryAfter = { 'retry-after': { type: 'integer', minimum: 1, description: 'Seconds to wait before retrying' } }
 
-export function documentRoute (route: RouteOptions, settings: RouteSettings, plugin: PluginSettings): void {
+export function documentRoute (route: RouteOptions, settings: RouteSettings): void {
+  const plugin = settings.plugin
   const schema: JsonSchema = { ...route.schema }
   const headers = schema.headers as JsonSchema | undefined
   // Fastify validates every method of the route against this one schema: the header is
@@ -74,7 +74,7 @@ export function documentRoute (route: RouteOptions, settings: RouteSettings, plu
   if (settings.fingerprint !== undefined) {
     responses[422] = body('The idempotency key was already used with a different request (FST_IDEMPOTENCY_FINGERPRINT_MISMATCH).')
   }
-  if (settings.storeErrorPolicy === 'fail-closed') {
+  if (settings.onStoreError !== 'fail-open') {
     responses[503] = body('The idempotency store is unavailable; the request was not processed (FST_IDEMPOTENCY_STORE_UNAVAILABLE).', { headers: retryAfter })
   }
   // The route's own response schemas win.

@@ -69,6 +69,15 @@ ${rows || '<tr><td colspan="9">No requests yet</td></tr>'}
 `
 }
 
+/** The stats route's response schema (JSON; the HTML page is a string). */
+export const statsSchema = {
+  response: {
+    200: {
+      anyOf: [{ type: 'string' }, { type: 'object', additionalProperties: true }]
+    }
+  }
+}
+
 /** The handler of the stats route. */
 export async function statsHandler (this: { idempotency: { stats: () => Promise<IdempotencyStats> } }, request: FastifyRequest, reply: FastifyReply): Promise<IdempotencyStats | string> {
   const stats = await this.idempotency.stats()

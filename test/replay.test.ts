@@ -90,12 +90,12 @@ test('a replay header set by the handler itself is not saved', async (t) => {
   t.equal((await post(app2, '/', 'k')).headers['idempotent-replayed'], 'true')
 })
 
-test('conflictStatusCode: replays use it and keep the original body; a route may override it', async (t) => {
-  const app = await build(t, { conflictStatusCode: 409 })
+test('replayStatusCode: replays use it and keep the original body; a route may override it', async (t) => {
+  const app = await build(t, { replayStatusCode: 409 })
   let runs = 0
   app.post('/plugin', async (_request, reply) => reply.code(201).send({ run: ++runs }))
-  app.post('/route', { config: { idempotency: { conflictStatusCode: 208 } } }, async () => ({ run: ++runs }))
-  app.post('/original', { config: { idempotency: { conflictStatusCode: null } } }, async (_request, reply) => reply.code(202).send({ run: ++runs }))
+  app.post('/route', { config: { idempotency: { replayStatusCode: 208 } } }, async () => ({ run: ++runs }))
+  app.post('/original', { config: { idempotency: { replayStatusCode: null } } }, async (_request, reply) => reply.code(202).send({ run: ++runs }))
   for (const [url, firstStatus, replayStatus] of [['/plugin', 201, 409], ['/route', 200, 208], ['/original', 202, 202]] as const) {
     const first = await post(app, url, 'k')
     const replay = await post(app, url, 'k')

@@ -146,8 +146,9 @@ test('invalid stats options are refused, naming the option', async (t) => {
     [null, 'stats: must be false or an object'],
     [[], 'stats: must be false or an object'],
     [{ route: 'stats' }, 'stats.route: must be a path starting with /'],
-    [{ ttl: 0 }, 'stats.ttl: must be a positive integer (ms)'],
-    [{ flushInterval: 1.5 }, 'stats.flushInterval: must be a positive integer (ms)'],
+    [{ ttl: 0 }, 'stats.ttl: must be a positive duration'],
+    [{ ttl: 'weekly' }, 'stats.ttl: must be a positive duration'],
+    [{ flushInterval: 1.5 }, 'stats.flushInterval: must be a positive duration'],
     [{ warnRecords: -1 }, 'stats.warnRecords: must be an integer of at least 0'],
     [{ preHandler: 'auth' }, 'stats.preHandler: must be a preHandler hook or an array of them'],
     [{ page: true }, 'stats.page: unknown option']
@@ -290,7 +291,7 @@ test('close() sends the pending counts to a store with addStats; a failing send 
   const other = await statsApp(t, { store: failing, stats: { flushInterval: 60 * 60 * 1000 } }, capturingLogger(lines))
   await other.send('/a', 'k1')
   await other.app.close()
-  const logged = lines.filter((line) => line.msg === 'fastify-idempotency: stats could not be saved')
+  const logged = lines.filter((line) => line.msg === 'idempotency: stats could not be saved')
   t.equal(logged.length, 1)
   t.equal(logged[0].level, ERROR)
   t.equal(logged[0].err?.message, 'stats store down')
@@ -303,8 +304,8 @@ test('the timer sends pending counts every flushInterval; a failure is logged an
   const { app, send } = await statsApp(t, { store, stats: { flushInterval: 10 } }, capturingLogger(lines))
   store.failAdd = true
   await send('/a', 'k1')
-  await until(() => lines.some((line) => line.msg === 'fastify-idempotency: stats could not be saved'))
-  t.equal(lines.find((line) => line.msg === 'fastify-idempotency: stats could not be saved')?.err?.message, 'stats store down')
+  await until(() => lines.some((line) => line.msg === 'idempotency: stats could not be saved'))
+  t.equal(lines.find((line) => line.msg === 'idempotency: stats could not be saved')?.err?.message, 'stats store down')
   store.failAdd = false
   await send('/a', 'k1')
   await until(() => store.added.length > 0)

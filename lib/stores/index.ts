@@ -1,67 +1,113 @@
 /**
- * Picks the stores that the options name: the plugin's own, and one per Redis
- * namespace that a route asks for, each made once and shared.
+ * Picks the stores that the options name: the plugin's own, and one per
+ * (client, namespace) pair that a route asks for, each made once and shared.
+ * Stores the plugin makes are checked at start-up and closed with the app;
+ * a store passed in belongs to the application.
  */
 import type { FastifyInstance } from 'fastify'
-import type { Cluster, Redis } from 'ioredis'
 import { InvalidOptionError } from '../errors.js'
+import type { Inherited, PluginSettings } from '../options.js'
+import { warnings } from '../warnings.js'
 import type { IdempotencyStore } from '../../types/index.js'
 import { MemoryStore } from './memory.js'
 import { RedisStore } from './redis.js'
 
-export interface StoreSettings {
-  store: 'memory' | 'redis' | IdempotencyStore
-  redisNamespace: string | undefined
-  storeTimeout: number
-}
+type RedisClient = ConstructorParameters<typeof RedisStore>[0]['client']
+
+type Fail = (path: string, message: string) => Error
+
+/** How often, at most, evictions of completed records are logged (after the first one). */
+const EVICTION_LOG_INTERVAL = 60_000
 
 export class Stores {
   /** The plugin-level store. */
   readonly main: IdempotencyStore
-  private readonly redisStores = new Map<string | undefined, RedisStore>()
+  private readonly made = new Map<string, IdempotencyStore>()
 
-  constructor (private readonly fastify: FastifyInstance, private readonly settings: StoreSettings) {
-    const { store } = settings
-    this.main = store === 'memory'
-      ? new MemoryStore()
-      : store === 'redis'
-        ? this.redis(settings.redisNamespace, (message) => new InvalidOptionError('store', message))
-        : store
+  constructor (private readonly fastify: FastifyInstance, private readonly settings: PluginSettings) {
+    this.main = this.forRoute(settings.inherited, (path, message) => new InvalidOptionError(path, message))
+  }
+
+  /** The store of a route (or of the plugin): `fail` makes the start-up error when it cannot be made. */
+  forRoute (options: Inherited, fail: Fail): IdempotencyStore {
+    const { store } = this.settings
+    if (typeof store === 'object') return this.watched(store)
+    if (store === 'memory') return this.once('memory', () => this.watched(new MemoryStore()))
+    if (store === 'redis') {
+      return this.once(`redis\0${options.redisNamespace ?? ''}\0${options.namespace}`, () => {
+        const { requireNoEviction, replicas, replicaTimeout } = this.settings.redis
+        const redis = new RedisStore({
+          client: redisClient(this.fastify, options.redisNamespace, fail),
+          prefix: `${options.namespace}:`,
+          timeout: this.settings.storeTimeout,
+          requireNoEviction,
+          replicas,
+          replicaTimeout
+        })
+        redis.onWarning = (_code, message) => warnings.redisEviction(message)
+        return redis
+      })
+    }
+    throw fail('store', 'the Postgres store is not wired in yet')
   }
 
   /**
-   * The store of a route: the plugin's, or the Redis store of the route's
-   * namespace (`fail` makes the start-up error when there is no such client).
+   * At start-up: Redis stores check the eviction policy (and fail start-up
+   * with `redis.requireNoEviction`) and their client's queueing.
    */
-  forRoute (redisNamespace: string | undefined, fail: (message: string) => Error): IdempotencyStore {
-    return redisNamespace === undefined ? this.main : this.redis(redisNamespace, fail)
+  async verify (): Promise<void> {
+    for (const store of this.made.values()) {
+      if (!(store instanceof RedisStore)) continue
+      const queue = RedisStore.queueWarning(store.client)
+      if (queue !== undefined) warnings.redisQueue(queue)
+      await store.verify()
+    }
   }
 
-  /** Closes the stores the plugin made (a store passed in belongs to the application). */
-  close (): void {
-    if (this.settings.store === 'memory') (this.main as MemoryStore).close()
+  /** Closes the stores the plugin made. */
+  async close (): Promise<void> {
+    await Promise.all([...this.made.values()].map((store) => store.close?.()))
   }
 
-  private redis (namespace: string | undefined, fail: (message: string) => Error): RedisStore {
-    let store = this.redisStores.get(namespace)
+  private once (id: string, make: () => IdempotencyStore): IdempotencyStore {
+    let store = this.made.get(id)
     if (store === undefined) {
-      store = new RedisStore({ client: redisClient(this.fastify, namespace, fail), timeout: this.settings.storeTimeout })
-      this.redisStores.set(namespace, store)
+      store = make()
+      this.made.set(id, store)
+    }
+    return store
+  }
+
+  /** A memory store logs the eviction of completed records before their ttl: a retry of one runs again. */
+  private watched<T extends IdempotencyStore> (store: T): T {
+    if (store instanceof MemoryStore && store.onEviction === undefined) {
+      let loggedAt = -Infinity
+      let since = 0
+      store.onEviction = () => {
+        since++
+        const now = performance.now()
+        if (now - loggedAt < EVICTION_LOG_INTERVAL) return
+        this.fastify.log.warn({ evicted: since, maxRecords: store.maxRecords, maxBytes: store.maxBytes },
+          'idempotency: the memory store evicted completed records before their ttl to stay within maxRecords/maxBytes; a retry of one of them runs the handler again. Raise the bounds, lower ttl, or use a shared store')
+        loggedAt = now
+        since = 0
+      }
     }
     return store
   }
 }
 
 /** The client `@fastify/redis` decorated, or a start-up error saying how to get one. */
-function redisClient (fastify: FastifyInstance, namespace: string | undefined, fail: (message: string) => Error): Redis | Cluster {
+function redisClient (fastify: FastifyInstance, namespace: string | undefined, fail: Fail): RedisClient {
   const register = namespace === undefined ? '@fastify/redis' : `@fastify/redis with { namespace: '${namespace}' }`
+  const path = namespace === undefined ? 'store' : 'redisNamespace'
   if (!fastify.hasDecorator('redis')) {
-    throw fail(`the Redis store reads the client of @fastify/redis: register ${register} before fastify-idempotency`)
+    throw fail(path, `the Redis store reads the client of @fastify/redis: register ${register} before fastify-idempotency`)
   }
   const decorator = (fastify as unknown as { redis: Record<string, unknown> }).redis
-  const client = (namespace === undefined ? decorator : decorator[namespace]) as Redis | Cluster | undefined
+  const client = (namespace === undefined ? decorator : decorator[namespace]) as RedisClient | undefined
   if (typeof client?.defineCommand !== 'function') {
-    throw fail(`fastify.redis${namespace === undefined ? '' : '.' + namespace} is not a Redis client: register ${register} before fastify-idempotency` +
+    throw fail(path, `fastify.redis${namespace === undefined ? '' : '.' + namespace} is not a Redis client: register ${register} before fastify-idempotency` +
       (namespace === undefined ? ' (or set redisNamespace)' : ''))
   }
   return client

@@ -53,9 +53,16 @@ export function gate (): { promise: Promise<void>, open: () => void } {
   return { promise, open }
 }
 
-/** Resolves once `check` returns true, looking every few ms (at most `tries` times). */
+/**
+ * Resolves once `check` returns true, looking every 5 ms; throws, naming the
+ * check, when it is still false after `tries` looks (2 s by default).
+ */
 export async function until (check: () => boolean, tries = 400): Promise<void> {
-  for (let i = 0; i < tries && !check(); i++) await sleep(5)
+  for (let i = 0; i < tries; i++) {
+    if (check()) return
+    await sleep(5)
+  }
+  if (!check()) throw new Error(`until(): still false after ${tries} tries (${tries * 5} ms): ${check.toString()}`)
 }
 
 /**

@@ -225,8 +225,8 @@ withRedis(t, (t) => {
     await t.rejects(store.addStats({ 'POST /x': { ...ZERO, executed: 1 } }, LONG), timedOut, 'addStats')
     t.equal((await post(app, 'k1')).statusCode, 503, 'the claim timed out too: fail-closed')
     // The failed claim is a pending count; the timer's flush times out and is logged.
-    await eventually(async () => lines.some((line) => line.msg === 'fastify-idempotency: stats could not be saved'))
-    const failure = lines.find((line) => line.msg === 'fastify-idempotency: stats could not be saved') as LogLine
+    await eventually(async () => lines.some((line) => line.msg === 'idempotency: stats could not be saved'))
+    const failure = lines.find((line) => line.msg === 'idempotency: stats could not be saved') as LogLine
     t.equal(failure.level, ERROR)
     t.match(failure.err, { code: 'FST_IDEMPOTENCY_STORE_TIMEOUT' })
     await t.rejects(app.idempotency.stats(), timedOut, 'stats()')

@@ -1,0 +1,293 @@
+/**
+ * The claim step, top to bottom:
+ *
+ *   onRequest   checkHeader   parse and validate the key, before the body is read
+ *   preHandler  claimKey      scope → store key → fingerprint → claim the key, or
+ *                             replay / refuse (422) / wait / answer in flight (409)
+ *
+ * `claimKey` is the last preHandler of the route, so authentication and
+ * validation have run and the body is parsed. A request that claims its key
+ * runs the handler; completion.ts follows it until its claim ends.
+ */
+import { setTimeout as sleep } from 'node:timers/promises'
+import type { FastifyBaseLogger, FastifyReply, FastifyRequest, HookHandlerDoneFunction } from 'fastify'
+import { isStream, readStreamBody } from './body.js'
+import { FingerprintMismatchError, InFlightError, InvalidScopeError, KeyMissingError, StoreUnavailableError } from './errors.js'
+import { defaultFingerprint } from './fingerprint.js'
+import { watchResponse } from './completion.js'
+import { parseKey } from './header.js'
+import { policyOf } from './options.js'
+import { sendProblem } from './problem.js'
+import { isThenable } from './thenable.js'
+import { replayResponse } from './response.js'
+import type { RouteSettings } from './route-config.js'
+import { RequestState, kState, type StatefulReply } from './state.js'
+import type { ClaimResult, IdempotencyEvent, IdempotencyRecord, StoreErrorPolicy } from '../types/index.js'
+
+type RequestError = Error & { code: string, statusCode: number }
+
+/** First and longest pause between two looks at an in-flight original, in ms. */
+const FIRST_POLL = 5
+const LONGEST_POLL = 100
+
+/** onRequest, first in the route's chain: the key is parsed and validated before the body is read. */
+export function checkHeader (route: RouteSettings) {
+  const { header, keyRules, telemetry, problemJson } = route.plugin
+  return function checkHeader (request: FastifyRequest, reply: FastifyReply, done: HookHandlerDoneFunction): void {
+    if (!route.methods.has(request.method)) return done()
+    const state = new RequestState(route, request, reply)
+    ;(reply as StatefulReply)[kState] = state
+    if (telemetry) {
+      state.startedAt = Date.now()
+      state.startMark = performance.now()
+    }
+    const raw = request.headers[header]
+    let error: RequestError
+    if (raw === undefined) {
+      if (!route.required) return done()
+      route.counters.missingKeys++
+      error = new KeyMissingError(header)
+    } else {
+      try {
+        state.key = parseKey(raw, keyRules)
+        return done()
+      } catch (err) {
+        route.counters.invalidKeys++
+        error = err as RequestError
+      }
+    }
+    if (problemJson) sendProblem(reply, error) // answered: the hook chain stops here
+    else done(error)
+  }
+}
+
+/**
+ * preHandler, last in the route's chain: builds the store key and the
+ * fingerprint, then claims the key or answers the duplicate.
+ */
+export async function claimKey (request: FastifyRequest, reply: FastifyReply): Promise<FastifyReply | undefined> {
+  const state = (reply as StatefulReply)[kState]
+  if (state === null || state.key === undefined) return
+  const { route } = state
+  const scoped = scopeOf(state)
+  const scope = isThenable(scoped) ? await scoped : scoped
+  if (typeof scope === 'object') return reject(state, new InvalidScopeError(describe(scope.value)))
+  const queryAt = request.url.indexOf('?')
+  state.storeKey = route.plugin.keyEncoder({
+    scope,
+    method: request.method,
+    path: queryAt === -1 ? request.url : request.url.slice(0, queryAt),
+    key: state.key
+  })
+  // A body the content-type parser left as a stream is read here, so that the fingerprint covers its bytes.
+  if (route.fingerprint === defaultFingerprint && isStream(request.body)) {
+    const putBack = await readStreamBody(request)
+    const fingerprint = defaultFingerprint(request)
+    putBack()
+    return claimOrAnswer(state, fingerprint)
+  }
+  return claimOrAnswer(state, route.fingerprint?.(request))
+}
+
+/** The claim loop: one atomic store step, then the answer for what holds the key. */
+async function claimOrAnswer (state: RequestState, fingerprint: string | undefined): Promise<FastifyReply | undefined> {
+  const { route, request, reply } = state
+  const { lockTtl, inFlightWait, logKey } = route.plugin
+  const deadline = inFlightWait > 0 ? performance.now() + inFlightWait : 0
+  let pause = FIRST_POLL
+  let seenInFlight = false
+  for (;;) {
+    const sentAt = performance.now()
+    let result: ClaimResult
+    try {
+      const claimed = route.store.claim(state.storeKey, fingerprint, lockTtl)
+      // A synchronous store (memory) answers without a trip through the microtask queue.
+      result = isThenable(claimed) ? await claimed : claimed
+    } catch (err) {
+      if ((err as { code?: string }).code === STORE_FULL) return refuseFull(state, err as RequestError)
+      route.counters.storeErrors++
+      const record = await lookupAfterFailure(state)
+      if (record === undefined) return refuse(state, err, seenInFlight)
+      request.log.error({ err, idempotencyKey: logKey(state.storeKey) }, 'idempotency: store failed; the key was read instead (read-only lookup)')
+      result = { record }
+    }
+    if (result.token !== undefined) {
+      holdClaim(state, result.token, sentAt)
+      return
+    }
+    const record = result.record
+    if (fingerprint !== undefined && record.fingerprint !== undefined && record.fingerprint !== fingerprint) {
+      countDuplicate(route, 'mismatches')
+      request.log.warn({ idempotencyKey: logKey(state.storeKey) }, 'idempotency: key reused with a different request (422)')
+      emit(route.onMismatch, state)
+      return reject(state, new FingerprintMismatchError())
+    }
+    if (record.state === 'completed') {
+      countDuplicate(route, 'replayed')
+      state.exists = true
+      state.response = record.response
+      if (route.manual) return // the handler decides what a duplicate gets
+      state.replayed = true
+      state.replayPending = true
+      if (logsDebug(request.log)) request.log.debug({ idempotencyKey: logKey(state.storeKey) }, 'idempotency: replayed a saved response')
+      emit(route.onReplay, state)
+      return replayResponse(reply, record.response, route.replayStatusCode ?? record.response.statusCode, route.plugin.replayHeader)
+    }
+    // In flight: wait for the original to complete or release the key, up to inFlight.wait.
+    // Waiting polls the same claim-or-get step with back-off: it works on any store and
+    // across processes, needs no extra connection (pub/sub) or server setting (keyspace
+    // notifications), and a waiter that finds the key released claims it in that step.
+    seenInFlight = true
+    const left = deadline - performance.now()
+    if (left <= 0) return answerInFlight(state)
+    await sleep(Math.min(pause, left))
+    if (reply.sent) return // answered meanwhile (a handler timeout): stop waiting
+    pause = Math.min(pause * 2, LONGEST_POLL)
+  }
+}
+
+/** The request now holds the claim: it runs the handler, renews its lease, and ends the claim when it is over. */
+function holdClaim (state: RequestState, token: string, sentAt: number): void {
+  state.token = token
+  state.route.counters.executed++
+  state.route.plugin.leases.hold(state, sentAt)
+  // The reply may have gone out while the claim was pending (a handler timeout): the handler
+  // will not run then, and the claim is released as soon as that reply is over.
+  watchResponse(state)
+}
+
+/**
+ * A claim failed in the store: a read-only look (when the store has one) may
+ * still find the record, so that a completed key is replayed and an in-flight
+ * one answered as such while writes fail (a Redis write pause, a full Redis).
+ */
+async function lookupAfterFailure (state: RequestState): Promise<IdempotencyRecord | undefined> {
+  const { store } = state.route
+  if (store.lookup === undefined) return undefined
+  try {
+    return await store.lookup(state.storeKey)
+  } catch {
+    return undefined // the claim's failure is logged by the caller; the policy decides
+  }
+}
+
+/** A claim that failed and found no record: answered in flight, run without idempotency (fail-open), or refused (503). */
+function refuse (state: RequestState, err: unknown, seenInFlight: boolean): FastifyReply | undefined {
+  const { route, request, reply } = state
+  const idempotencyKey = route.plugin.logKey(state.storeKey)
+  // Once the original was seen in flight, it may still be running: never run beside it.
+  if (seenInFlight) {
+    request.log.error({ err, idempotencyKey }, 'idempotency: store failed; the original was seen in flight, so the duplicate is answered as in flight')
+    return answerInFlight(state)
+  }
+  if (chosenPolicy(state, err) === 'fail-open') {
+    request.log.error({ err, idempotencyKey }, 'idempotency: store failed; running the handler without idempotency (fail-open)')
+    return
+  }
+  request.log.error({ err, idempotencyKey }, 'idempotency: store failed; request refused (fail-closed)')
+  reply.header('retry-after', '1')
+  return reject(state, new StoreUnavailableError())
+}
+
+/**
+ * The store holds as many claims as it may: refused with Retry-After whatever
+ * `onStoreError` says, so that a flood of claims never turns idempotency off.
+ */
+function refuseFull (state: RequestState, err: RequestError): FastifyReply {
+  const { route, request, reply } = state
+  route.counters.storeErrors++
+  request.log.warn({ idempotencyKey: route.plugin.logKey(state.storeKey) }, 'idempotency: the store holds too many requests in flight; refused (503)')
+  reply.header('retry-after', '1')
+  return reject(state, err)
+}
+
+function answerInFlight (state: RequestState): FastifyReply {
+  const { route, request, reply } = state
+  countDuplicate(route, 'conflicts')
+  request.log.info({ idempotencyKey: route.plugin.logKey(state.storeKey) }, 'idempotency: the original request is still in flight')
+  emit(route.onConflict, state)
+  const err: RequestError = new InFlightError()
+  err.statusCode = route.plugin.inFlightStatus
+  reply.header('retry-after', '1')
+  return reject(state, err)
+}
+
+/** Answers with one of the plugin's errors, through Fastify's error handler or as problem+json. */
+function reject (state: RequestState, error: RequestError): FastifyReply {
+  if (state.route.plugin.problemJson) return sendProblem(state.reply, error)
+  throw error
+}
+
+const STORE_FULL = 'FST_IDEMPOTENCY_STORE_FULL'
+
+/** A scope function's answer that names no principal. */
+interface InvalidScope { value: unknown }
+
+type Scope = string | undefined | InvalidScope
+
+/**
+ * The request's scope: what the route's `scope` returns (awaited when it is a
+ * promise; a synchronous one stays synchronous), `null` as none, a finite
+ * number as its digits. Anything else would merge principals into one scope,
+ * so it is refused (logged, 500).
+ */
+function scopeOf (state: RequestState): Scope | Promise<Scope> {
+  const scope = state.route.scope
+  if (scope === undefined) return undefined
+  const given = scope(state.request)
+  return isThenable(given) ? Promise.resolve(given).then((value) => checkScope(state, value)) : checkScope(state, given)
+}
+
+function checkScope (state: RequestState, value: unknown): Scope {
+  if (value === undefined || value === null) return undefined
+  if (typeof value === 'string') return value
+  if (typeof value === 'number' && Number.isFinite(value)) return String(value)
+  state.request.log.error({ scope: describe(value) }, 'idempotency: the route\'s scope function returned something that is not a principal id; the request is refused (500)')
+  return { value }
+}
+
+function describe (value: unknown): string {
+  if (typeof value === 'object') return `an object (${(value as object).constructor?.name ?? 'without prototype'})`
+  return `a ${typeof value} (${String(value)})`
+}
+
+/** The policy that the route's `onStoreError` picks for this failure. */
+function chosenPolicy (state: RequestState, err: unknown): StoreErrorPolicy {
+  const option = state.route.onStoreError
+  if (typeof option !== 'function') return option
+  try {
+    const chosen = option(state.request, state.key as string, err)
+    if (chosen === 'fail-open' || chosen === 'fail-closed') return chosen
+  } catch (callbackError) {
+    callbackThrew(state, callbackError)
+  }
+  return policyOf(option)
+}
+
+/** Calls an event callback; one that throws is logged and never breaks the request. */
+function emit (event: IdempotencyEvent | undefined, state: RequestState): void {
+  if (event === undefined) return
+  try {
+    event(state.request, state.key as string)
+  } catch (err) {
+    callbackThrew(state, err)
+  }
+}
+
+function callbackThrew (state: RequestState, err: unknown): void {
+  state.request.log.error({ err, idempotencyKey: state.route.plugin.logKey(state.storeKey) }, 'idempotency: an event callback threw')
+}
+
+/** Counts a duplicate (replay, conflict or mismatch) on its route. */
+function countDuplicate (route: RouteSettings, outcome: 'replayed' | 'conflicts' | 'mismatches'): void {
+  route.counters[outcome]++
+  route.counters.lastDuplicateAt = Date.now()
+}
+
+/**
+ * Whether `log` writes debug lines, so that a replay, the hot path, builds its
+ * log line only when it is kept. Pino can tell; another logger is asked to log.
+ */
+function logsDebug (log: FastifyBaseLogger): boolean {
+  return (log as { isLevelEnabled?: (level: string) => boolean }).isLevelEnabled?.('debug') ?? true
+}

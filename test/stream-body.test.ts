@@ -1,0 +1,60 @@
+/**
+ * A content-type parser that hands the raw request on as a stream (the proxy
+ * pattern): the keyed request runs like the same request without a key, the
+ * handler still reads the whole body as a stream, and the fingerprint covers
+ * the bytes, so the same bytes replay and different bytes are a 422.
+ */
+import t, { type Test } from 'tap'
+import type { Readable } from 'node:stream'
+import Fastify from 'fastify'
+import fastifyIdempotency from '../index.js'
+import './helpers/crash-guard.js'
+
+async function streamingApp (t: Test, bodyLimit?: number) {
+  const app = Fastify(bodyLimit === undefined ? {} : { bodyLimit })
+  t.teardown(() => app.close())
+  await app.register(fastifyIdempotency)
+  app.removeAllContentTypeParsers()
+  app.addContentTypeParser('*', (_request, payload, done) => done(null, payload))
+  let runs = 0
+  app.post('/upload', async (request) => {
+    runs++
+    const chunks: Buffer[] = []
+    for await (const chunk of request.body as Readable) chunks.push(chunk as Buffer)
+    const body = Buffer.concat(chunks)
+    return { runs, bytes: body.length, text: body.toString() }
+  })
+  return { app, runs: () => runs }
+}
+
+t.test('a stream body: runs as without a key, replays the same bytes, 422 for other bytes', async (t) => {
+  const { app, runs } = await streamingApp(t)
+  const send = (payload: string, key?: string) => app.inject({
+    method: 'POST', url: '/upload', payload, headers: { 'content-type': 'application/octet-stream', ...(key === undefined ? {} : { 'idempotency-key': key }) }
+  })
+  const unkeyed = await send('raw bytes one')
+  t.same(unkeyed.json(), { runs: 1, bytes: 13, text: 'raw bytes one' })
+  const keyed = await send('raw bytes one', 'k')
+  t.same(keyed.json(), { runs: 2, bytes: 13, text: 'raw bytes one' }, 'the handler read the same stream as without a key')
+  const replay = await send('raw bytes one', 'k')
+  t.equal(replay.headers['idempotent-replayed'], 'true')
+  t.equal(replay.body, keyed.body)
+  const other = await send('raw bytes two', 'k')
+  t.equal(other.statusCode, 422, 'different bytes: a different request')
+  t.equal(other.json().code, 'FST_IDEMPOTENCY_FINGERPRINT_MISMATCH')
+  t.equal(runs(), 2)
+})
+
+t.test('a stream body over the route\'s bodyLimit is refused with Fastify\'s own 413, before any claim', async (t) => {
+  const { app, runs } = await streamingApp(t, 16)
+  const res = await app.inject({
+    method: 'POST', url: '/upload', payload: 'x'.repeat(17), headers: { 'content-type': 'text/plain', 'idempotency-key': 'big' }
+  })
+  t.equal(res.statusCode, 413)
+  t.equal(res.json().code, 'FST_ERR_CTP_BODY_TOO_LARGE')
+  t.equal(runs(), 0)
+  const fits = await app.inject({
+    method: 'POST', url: '/upload', payload: 'x'.repeat(16), headers: { 'content-type': 'text/plain', 'idempotency-key': 'big' }
+  })
+  t.equal(fits.statusCode, 200, 'the key was never claimed: a corrected retry runs')
+})
