@@ -13,7 +13,7 @@ import { checkHeader, claimKey } from './lib/claim.js'
 import { captureReply, noteError, trackHandler } from './lib/completion.js'
 import { RegisteredTwiceError } from './lib/errors.js'
 import { LeaseKeeper } from './lib/leases.js'
-import { documentRoute } from './lib/openapi.js'
+import { addErrorSchemas, documentRoute } from './lib/openapi.js'
 import { resolveOptions, type Endpoint } from './lib/options.js'
 import { resolveRoute, type RouteSettings } from './lib/route-config.js'
 import { NO_KEY, kState, type StatefulReply } from './lib/state.js'
@@ -47,13 +47,15 @@ const plugin: FastifyPluginAsync<FastifyIdempotencyOptions> = async (fastify, op
     }
   })
 
+  const swagger = fastify.hasDecorator('swagger')
+  if (swagger) addErrorSchemas(fastify)
   let covered = 0
   const matched = new Set<Endpoint>()
   fastify.addHook('onRoute', (route: RouteOptions) => {
     const routeSettings = resolveRoute(route, routePlugin, stores, settings.stats.counting ? stats : undefined, matched)
     if (routeSettings === undefined) return
     covered++
-    if (fastify.hasDecorator('swagger')) documentRoute(route, routeSettings)
+    if (swagger) documentRoute(route, routeSettings)
     route.onRequest = [checkHeader(routeSettings), ...asArray(route.onRequest)] // first: the route's own hooks see the key
     route.preHandler = [...asArray(route.preHandler), claimKey]
     route.onError = [...asArray(route.onError), noteError]

@@ -9,6 +9,7 @@ import { InvalidOptionError } from '../errors.js'
 import type { Inherited, PluginSettings } from '../options.js'
 import { warnings } from '../warnings.js'
 import type { IdempotencyStore } from '../../types/index.js'
+import { ReplayCache } from './cache.js'
 import { MemoryStore } from './memory.js'
 import { RedisStore } from './redis.js'
 
@@ -20,16 +21,32 @@ type Fail = (path: string, message: string) => Error
 const EVICTION_LOG_INTERVAL = 60_000
 
 export class Stores {
-  /** The plugin-level store. */
+  /** The plugin-level store (`fastify.idempotency.store`). */
   readonly main: IdempotencyStore
   private readonly made = new Map<string, IdempotencyStore>()
+  /** What the request path uses for each store: the store itself, or its replay cache. */
+  private readonly views = new Map<IdempotencyStore, IdempotencyStore>()
 
   constructor (private readonly fastify: FastifyInstance, private readonly settings: PluginSettings) {
-    this.main = this.forRoute(settings.inherited, (path, message) => new InvalidOptionError(path, message))
+    this.main = this.pick(settings.inherited, (path, message) => new InvalidOptionError(path, message))
   }
 
-  /** The store of a route (or of the plugin): `fail` makes the start-up error when it cannot be made. */
+  /**
+   * What a route's requests use: its store (`fail` makes the start-up error
+   * when it cannot be made), behind a replay cache when the store is shared.
+   */
   forRoute (options: Inherited, fail: Fail): IdempotencyStore {
+    const store = this.pick(options, fail)
+    let view = this.views.get(store)
+    if (view === undefined) {
+      // A memory store is in this process already: a cache in front of it would only copy it.
+      view = this.settings.replayCache > 0 && !(store instanceof MemoryStore) ? new ReplayCache(store, this.settings.replayCache) : store
+      this.views.set(store, view)
+    }
+    return view
+  }
+
+  private pick (options: Inherited, fail: Fail): IdempotencyStore {
     const { store } = this.settings
     if (typeof store === 'object') return this.watched(store)
     if (store === 'memory') return this.once('memory', () => this.watched(new MemoryStore()))

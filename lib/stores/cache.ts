@@ -1,0 +1,132 @@
+/**
+ * The replay cache: a per-process copy of completed records of a shared
+ * store (Redis, Postgres). A completed record never changes until it
+ * expires, so a process that has seen one (it saved it, or a claim returned
+ * it) can replay it without a round trip, as long as its copy expires no
+ * later than the record in the store. Copies are kept on the monotonic clock
+ * from the moment the store call was sent, so a copy always expires before
+ * the store's record; only what the store confirmed is kept, never an
+ * in-flight claim. Bounded by bytes, least recently used first.
+ *
+ * The cache wraps the store: claims of cached keys answer at once, without a
+ * promise; everything else goes to the store.
+ */
+import { isThenable } from '../thenable.js'
+import type { ClaimResult, IdempotencyRecord, IdempotencyStore, MaybePromise, StoredResponse } from '../../types/index.js'
+
+interface Copy {
+  /** The answer to a claim of this key: the completed record. */
+  result: { record: IdempotencyRecord }
+  expiresAt: number
+  bytes: number
+}
+
+/** A rough size of a copy: its body, headers and key, plus a fixed overhead. */
+function sizeOf (key: string, response: StoredResponse, fingerprint: string | undefined): number {
+  let bytes = 200 + key.length + (fingerprint?.length ?? 0) +
+    (typeof response.body === 'string' ? response.body.length * 2 : response.body.length)
+  for (const name in response.headers) bytes += name.length + String(response.headers[name]).length
+  return bytes
+}
+
+export class ReplayCache implements IdempotencyStore {
+  private readonly copies = new Map<string, Copy>()
+  /** The fingerprints of the claims this process holds, by token, to go with their record once it is saved. */
+  private readonly claimed = new Map<string, string | undefined>()
+  private bytes = 0
+  /** Claims answered from a copy (for tests). */
+  hits = 0
+  readonly lookup?: IdempotencyStore['lookup']
+  readonly completeWith?: IdempotencyStore['completeWith']
+
+  constructor (readonly store: IdempotencyStore, readonly maxBytes: number) {
+    const { lookup, completeWith } = store
+    if (lookup !== undefined) this.lookup = (key) => this.get(key)?.result.record ?? lookup.call(store, key)
+    // Not cached: the handler's transaction may still roll back.
+    if (completeWith !== undefined) this.completeWith = completeWith.bind(store)
+  }
+
+  claim (key: string, fingerprint: string | undefined, lockTtl: number): MaybePromise<ClaimResult> {
+    const copy = this.get(key)
+    if (copy !== undefined) {
+      this.hits++
+      return copy.result
+    }
+    const sentAt = performance.now()
+    const claimed = this.store.claim(key, fingerprint, lockTtl)
+    if (!isThenable(claimed)) return this.learn(key, fingerprint, sentAt, claimed)
+    return claimed.then((result) => this.learn(key, fingerprint, sentAt, result))
+  }
+
+  complete (key: string, token: string, response: StoredResponse, ttl: number | null): MaybePromise<boolean> {
+    const fingerprint = this.claimed.get(token)
+    this.claimed.delete(token)
+    const sentAt = performance.now()
+    const saved = this.store.complete(key, token, response, ttl)
+    const keep = (ok: boolean) => {
+      if (ok) this.put(key, { state: 'completed', fingerprint, response }, ttl === null ? Infinity : sentAt + ttl)
+      return ok
+    }
+    return isThenable(saved) ? saved.then(keep) : keep(saved)
+  }
+
+  release (key: string, token: string): MaybePromise<boolean> {
+    this.claimed.delete(token)
+    return this.store.release(key, token)
+  }
+
+  renew (key: string, token: string, lockTtl: number): MaybePromise<boolean> {
+    const renewed = this.store.renew(key, token, lockTtl)
+    const forget = (ok: boolean) => {
+      if (!ok) this.claimed.delete(token) // lost: it will be neither completed nor released here
+      return ok
+    }
+    return isThenable(renewed) ? renewed.then(forget) : forget(renewed)
+  }
+
+  /** Bytes held (for tests and stats). */
+  get size (): number {
+    return this.bytes
+  }
+
+  private learn (key: string, fingerprint: string | undefined, sentAt: number, result: ClaimResult): ClaimResult {
+    if (result.token !== undefined) {
+      this.claimed.set(result.token, fingerprint)
+      return result
+    }
+    const { record } = result
+    if (record.state === 'completed' && record.expiresIn !== undefined) this.put(key, record, sentAt + record.expiresIn)
+    return result
+  }
+
+  private get (key: string): Copy | undefined {
+    const copy = this.copies.get(key)
+    if (copy === undefined) return undefined
+    this.copies.delete(key)
+    if (copy.expiresAt <= performance.now()) {
+      this.bytes -= copy.bytes
+      return undefined
+    }
+    this.copies.set(key, copy) // most recently used
+    return copy
+  }
+
+  private put (key: string, record: IdempotencyRecord & { state: 'completed' }, expiresAt: number): void {
+    const bytes = sizeOf(key, record.response, record.fingerprint)
+    if (bytes > this.maxBytes) return
+    const previous = this.copies.get(key)
+    if (previous !== undefined) {
+      this.copies.delete(key)
+      this.bytes -= previous.bytes
+    }
+    // The copy answers claims as the store would; it never needs its remaining time.
+    const { expiresIn: _expiresIn, ...kept } = record
+    this.copies.set(key, { result: { record: kept }, expiresAt, bytes })
+    this.bytes += bytes
+    for (const [oldest, copy] of this.copies) {
+      if (this.bytes <= this.maxBytes) break
+      this.copies.delete(oldest)
+      this.bytes -= copy.bytes
+    }
+  }
+}
