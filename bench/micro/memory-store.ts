@@ -35,9 +35,12 @@ const RESPONSE: StoredResponse = {
 let sequence = 0
 const nextKeys = (): string[] => Array.from({ length: BATCH }, () => `idempotency:${(sequence++).toString(16).padStart(16, '0')}`)
 
+const stores: Store[] = []
+
 /** A store holding `RECORDS` completed records: as full as its default bound allows. */
 function fullStore (): { store: Store, keys: string[] } {
   const store = new MemoryStore()
+  stores.push(store)
   const keys: string[] = []
   for (let i = 0; i < RECORDS / BATCH; i++) {
     const batch = nextKeys()
@@ -107,6 +110,7 @@ const bench = new Bench({ name: `MemoryStore (${modulePath ?? 'lib/stores/memory
 
 {
   const store = new MemoryStore({ maxClaims: LIVE_CLAIMS + BATCH })
+  stores.push(store)
   for (let i = 0; i < LIVE_CLAIMS / BATCH; i++) claimAll(store, nextKeys())
   bench.add(`claim of a new key (${LIVE_CLAIMS} claims in flight)`, () => {
     const keys = nextKeys()
@@ -118,5 +122,6 @@ const bench = new Bench({ name: `MemoryStore (${modulePath ?? 'lib/stores/memory
 }
 
 await bench.run()
+for (const store of stores) store.close()
 console.log(`${bench.name}, Node.js ${process.version}, ${BATCH} calls per sample`)
 console.table(bench.table())
