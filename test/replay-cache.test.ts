@@ -5,7 +5,7 @@
  * record; in-flight claims are never cached; the cache is bounded by bytes
  * (least recently used first) and `replayCache: 0` turns it off.
  */
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { MemoryStore } from '../index.js'
 import type { ClaimResult, IdempotencyStore, StoredResponse } from '../index.js'
 import { ReplayCache } from '../lib/stores/cache.js'
@@ -41,7 +41,7 @@ class SharedStore implements IdempotencyStore {
 const post = (app: Awaited<ReturnType<typeof build>>, key: string, body: object = { a: 1 }, user = 'u1') =>
   app.inject({ method: 'POST', url: '/', headers: { 'idempotency-key': key, 'x-user': user }, payload: body })
 
-async function cachedApp (t: Parameters<Parameters<typeof t.test>[1]>[0], options: object = {}) {
+async function cachedApp (t: Test, options: object = {}) {
   const store = new SharedStore()
   const app = await build(t, { store, scope: (request) => String(request.headers['x-user']), ...options })
   let runs = 0

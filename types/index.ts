@@ -389,6 +389,24 @@ export interface IdempotencyReplyState {
   completeWith (client: SqlClient, body: unknown): Promise<void>
 }
 
+/** An error the plugin raises; `code` is stable. */
+export interface IdempotencyError<Code extends string = string> extends Error {
+  code: Code
+  statusCode?: number
+}
+
+/** An error a request is answered with: it carries its HTTP status. */
+export interface IdempotencyRequestError<Code extends string = string> extends IdempotencyError<Code> {
+  statusCode: number
+}
+
+/** One of the plugin's error classes (`errors.KeyMissingError` …), with the arguments its message takes. */
+export interface IdempotencyErrorConstructor<E extends IdempotencyError = IdempotencyError, Args extends unknown[] = unknown[]> {
+  new (...args: Args): E
+  (...args: Args): E
+  readonly prototype: E
+}
+
 /** `fastify.idempotency` */
 export interface IdempotencyDecorator {
   /** The store the plugin uses. */

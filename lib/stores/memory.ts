@@ -141,8 +141,8 @@ export class MemoryStore implements IdempotencyStore {
    */
   onEviction: ((key: string) => void) | undefined = undefined
   private readonly entries = new Map<string, Entry>()
-  private readonly claims = new Queue()
-  private readonly records = new Queue()
+  private readonly claimQueue = new Queue()
+  private readonly recordQueue = new Queue()
   private bytes = 0
   private evictions = 0
   /** The last token is `tokenPrefix + TAILS[tokenTail]`, where the prefix is `tokenMs` in decimal. */
@@ -175,17 +175,17 @@ export class MemoryStore implements IdempotencyStore {
     const now = this.now()
     const entry = this.live(key, now)
     if (entry !== undefined) {
-      if (entry.state === COMPLETED) this.records.toBack(entry)
+      if (entry.state === COMPLETED) this.recordQueue.toBack(entry)
       return entry.asClaimResult
     }
-    if (this.claims.length >= this.maxClaims) {
+    if (this.claimQueue.length >= this.maxClaims) {
       this.dropExpiredClaims(now)
-      if (this.claims.length >= this.maxClaims) throw new StoreFullError()
+      if (this.claimQueue.length >= this.maxClaims) throw new StoreFullError()
     }
     const token = this.nextToken(now)
     const claim = new Entry(key, fingerprint, token, now + lockTtl)
     this.entries.set(key, claim)
-    this.claims.push(claim)
+    this.claimQueue.push(claim)
     return { token }
   }
 
@@ -193,9 +193,9 @@ export class MemoryStore implements IdempotencyStore {
     const now = this.now()
     const entry = this.claimed(key, token, now)
     if (entry === undefined) return false
-    this.claims.remove(entry)
+    this.claimQueue.remove(entry)
     entry.completeWith(response, ttl === null ? Infinity : now + ttl, recordBytes(key, entry.fingerprint, response))
-    this.records.push(entry)
+    this.recordQueue.push(entry)
     this.bytes += entry.bytes
     this.evictFor(entry, now)
     return true
@@ -213,7 +213,7 @@ export class MemoryStore implements IdempotencyStore {
     const entry = this.claimed(key, token, now)
     if (entry === undefined) return false
     entry.expiresAt = now + lockTtl
-    this.claims.toBack(entry)
+    this.claimQueue.toBack(entry)
     return true
   }
 
@@ -221,15 +221,15 @@ export class MemoryStore implements IdempotencyStore {
   lookup (key: string): IdempotencyRecord | undefined {
     const entry = this.live(key, this.now())
     if (entry === undefined) return undefined
-    if (entry.state === COMPLETED) this.records.toBack(entry)
+    if (entry.state === COMPLETED) this.recordQueue.toBack(entry)
     return entry.asClaimResult.record
   }
 
   /** Counts and bytes as accounted, expired entries not yet swept included. */
   usage (): StoreUsage {
     return {
-      records: this.records.length,
-      inFlight: this.claims.length,
+      records: this.recordQueue.length,
+      inFlight: this.claimQueue.length,
       bytes: this.bytes,
       maxBytes: this.maxBytes,
       evictions: this.evictions,
@@ -244,7 +244,7 @@ export class MemoryStore implements IdempotencyStore {
   /** Deletes every expired entry. */
   sweep (): void {
     const now = this.now()
-    for (const queue of [this.claims, this.records]) {
+    for (const queue of [this.claimQueue, this.recordQueue]) {
       for (let entry = queue.head; entry !== undefined;) {
         const next = entry.next
         if (entry.expiresAt <= now) this.drop(entry)
@@ -270,16 +270,16 @@ export class MemoryStore implements IdempotencyStore {
   private drop (entry: Entry): void {
     this.entries.delete(entry.key)
     if (entry.state === IN_FLIGHT) {
-      this.claims.remove(entry)
+      this.claimQueue.remove(entry)
     } else {
-      this.records.remove(entry)
+      this.recordQueue.remove(entry)
       this.bytes -= entry.bytes
     }
   }
 
   /** Drops expired claims from the front, where they are when every claim has the same lockTtl. */
   private dropExpiredClaims (now: number): void {
-    for (let head = this.claims.head; head !== undefined && head.expiresAt <= now; head = this.claims.head) this.drop(head)
+    for (let head = this.claimQueue.head; head !== undefined && head.expiresAt <= now; head = this.claimQueue.head) this.drop(head)
   }
 
   /**
@@ -288,8 +288,8 @@ export class MemoryStore implements IdempotencyStore {
    * moment it is saved, even one larger than `maxBytes`.
    */
   private evictFor (saved: Entry, now: number): void {
-    while (this.records.length > this.maxRecords || this.bytes > this.maxBytes) {
-      const oldest = this.records.head as Entry
+    while (this.recordQueue.length > this.maxRecords || this.bytes > this.maxBytes) {
+      const oldest = this.recordQueue.head as Entry
       if (oldest === saved) return
       this.drop(oldest)
       // An expired record was due to go anyway: no retry loses its response.

@@ -20,7 +20,7 @@ export interface PatternTarget {
 }
 
 /** What a client got. */
-interface Answer { status: number, body: string, headers: Record<string, string | string[] | undefined> }
+interface Answer { status: number, body: string, headers: Record<string, string | string[] | number | undefined> }
 
 type Handler = (request: FastifyRequest, reply: FastifyReply) => unknown
 
@@ -190,7 +190,7 @@ export function lifecyclePatterns (t: Test, target: PatternTarget): void {
   t.test('an error handler that turns a thrown error into a 200: sent as it says, never saved', async (t) => {
     let runs = 0
     const { app, store } = await plugin(t, async () => { throw new Error(`db down ${++runs}`) }, {}, {}, (app) => {
-      app.setErrorHandler(async (error) => ({ handled: error.message }))
+      app.setErrorHandler(async (error: Error) => ({ handled: error.message }))
     })
     const first = await inject(app, 'k')
     t.equal(first.status, 200)
