@@ -93,9 +93,16 @@ export class Stats {
       totals.duplicates += duplicates
     }
     routes.sort((a, b) => b.duplicates - a.duplicates || b.lastDuplicateAt - a.lastDuplicateAt || a.route.localeCompare(b.route))
-    const found = usage.records > this.settings.warnRecords
-      ? [`The store holds ${usage.records} records, more than ${this.settings.warnRecords}: check ttl, or that keys are not generated per attempt.`]
-      : []
+    const found: string[] = []
+    if (usage.records > this.settings.warnRecords) {
+      found.push(`The store holds ${usage.records} records, more than ${this.settings.warnRecords}: check ttl, or that keys are not generated per attempt.`)
+    }
+    if (usage.bytes !== undefined && usage.maxBytes !== undefined && usage.bytes > 0.9 * usage.maxBytes) {
+      found.push(`The store uses ${Math.round(100 * usage.bytes / usage.maxBytes)}% of its memory bound.`)
+    }
+    if (usage.evictions !== undefined && usage.evictions > 0) {
+      found.push(`${usage.evictions} saved responses were evicted before their ttl: a retry of one of them runs the handler again.`)
+    }
     if (usage.warnings !== undefined) found.push(...usage.warnings)
     return { routes, totals, store: usage, warning: found.length === 0 ? undefined : found.join(' ') }
   }

@@ -69,7 +69,8 @@ test('a known run: the counters per route, the totals, the duplicates, routes by
   t.strictSame(stats.totals, {
     ...ZERO, executed: 4, replayed: 2, conflicts: 1, mismatches: 1, missingKeys: 1, invalidKeys: 1, lastDuplicateAt: slow.lastDuplicateAt, duplicates: 4
   })
-  t.strictSame(stats.store, { records: 4, bytes: undefined, estimated: false }, 'the memory store holds k1 to k4')
+  t.match(stats.store, { records: 4, inFlight: 0, maxBytes: 64 * 1024 * 1024, evictions: 0, estimated: false }, 'the memory store holds k1 to k4')
+  t.ok((stats.store.bytes as number) > 4 * 300 && (stats.store.bytes as number) < 4 * 1000, `and counts their bytes (${stats.store.bytes})`)
   t.equal(stats.warning, undefined)
   t.strictSame(await ctx.app.idempotency.stats(), stats, 'reading does not change them')
 })
@@ -196,7 +197,7 @@ test('the stats route: behind the preHandler, JSON by default, escaped HTML for 
   const html = page.body
   t.match(html, /^<!doctype html>/)
   t.match(html, '<dd id="records">5</dd>')
-  t.match(html, '<dd id="bytes">unknown</dd>')
+  t.match(html, /<dd id="bytes">[\d.]+ (B|KiB) of 64\.0 MiB<\/dd>/)
   t.match(html, '<dd id="duplicates">5</dd>')
   t.match(html, '<dd id="executed">5</dd>')
   t.match(html, /<dd id="last-duplicate">\d{4}-\d\d-\d\dT[\d:.]+Z<\/dd>/)
@@ -236,7 +237,8 @@ test('the page: store sizes, estimates, an empty run', async (t) => {
     [{ records: 12, bytes: 900, estimated: false }, '12', '900 B'],
     [{ records: 1200, bytes: 1536, estimated: true }, '≈ 1200', '≈ 1.5 KiB'],
     [{ records: 1200, bytes: 1024 * 1024 - 1, estimated: false }, '1200', '1024.0 KiB'],
-    [{ records: 9_000_000, bytes: 3.25 * 1024 * 1024, estimated: true }, '≈ 9000000', '≈ 3.3 MiB']
+    [{ records: 9_000_000, bytes: 3.25 * 1024 * 1024, estimated: true }, '≈ 9000000', '≈ 3.3 MiB'],
+    [{ records: 5, bytes: 950, maxBytes: 1000, estimated: false }, '5', '950 B of 1000 B']
   ]
   for (const [usage, records, bytes] of cases) {
     const store = new SizedStore(usage)
@@ -248,6 +250,36 @@ test('the page: store sizes, estimates, an empty run', async (t) => {
     t.match(html, '<dd id="last-duplicate">never</dd>')
     t.match(html, '<tr><td colspan="9">No requests yet</td></tr>')
   }
+})
+
+test('the page and stats(): in-flight claims apart, evictions, the eviction policy, memory near its bound, with warnings', async (t) => {
+  const usage: StoreUsage = {
+    records: 10, inFlight: 3, bytes: 950, maxBytes: 1000, evictions: 7, evictionPolicy: 'allkeys-lru', estimated: false,
+    warnings: ['Redis runs with maxmemory-policy allkeys-lru: it may evict records.']
+  }
+  const store = new SizedStore(usage)
+  t.teardown(() => store.close())
+  const app = await build(t, { store, stats: { route: '/stats', preHandler: async () => {} } })
+  const stats = await app.idempotency.stats()
+  t.match(stats.warning, /uses 95% of its memory bound/)
+  t.match(stats.warning, /7 saved responses were evicted before their ttl: a retry of one of them runs the handler again/)
+  t.match(stats.warning, /maxmemory-policy allkeys-lru/)
+  const html = (await app.inject({ url: '/stats', headers: { accept: 'text/html' } })).body
+  t.match(html, '<dd id="in-flight">3</dd>')
+  t.match(html, '<dd id="evictions">7</dd>')
+  t.match(html, '<dd id="policy">allkeys-lru</dd>')
+  t.match(html, /<p class="warning" id="warning">[^<]*evicted before their ttl/)
+  const quiet = new SizedStore({ records: 1, bytes: 10, maxBytes: 1000, evictions: 0, estimated: false })
+  t.teardown(() => quiet.close())
+  const calm = await build(t, { store: quiet })
+  t.equal((await calm.idempotency.stats()).warning, undefined, 'nothing to warn about')
+  const unknown = new SizedStore({ records: 1, bytes: undefined, estimated: true })
+  t.teardown(() => unknown.close())
+  const page = await build(t, { store: unknown, stats: { route: '/stats', preHandler: async () => {} } })
+  const text = (await page.inject({ url: '/stats', headers: { accept: 'text/html' } })).body
+  t.match(text, '<dd id="in-flight">unknown</dd>')
+  t.match(text, '<dd id="evictions">unknown</dd>')
+  t.notMatch(text, 'id="policy"')
 })
 
 /** A MemoryStore that keeps stats the way a shared store does: through addStats/readStats. */

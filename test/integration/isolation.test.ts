@@ -182,7 +182,7 @@ t.test('Redis store (@fastify/redis)', async (t) => {
       await app.register(fastifyIdempotency, {
         store: 'redis',
         storeTimeout: 150,
-        lockTtl: 150,
+        lockTtl: 1000,
         inFlight: { wait: 2000 },
         // The worst case: the scope comes straight from a client header.
         scope: (request) => request.headers['x-tenant'] as string | undefined,

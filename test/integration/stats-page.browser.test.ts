@@ -98,7 +98,9 @@ function suite () {
     t.equal(await page.textContent('#duplicates'), '4', '2 replays, 1 mismatch, 1 conflict')
     t.equal(await page.textContent('#executed'), '4')
     t.match(await page.textContent('#last-duplicate'), /^\d{4}-\d\d-\d\dT[\d:.]+Z$/)
-    t.equal(await page.textContent('#bytes'), 'unknown')
+    t.match(await page.textContent('#bytes'), /^\d+(\.\d)? (B|KiB) of 64\.0 MiB$/, 'the memory store counts the bytes it holds, against maxBytes')
+    t.equal(await page.textContent('#in-flight'), '0')
+    t.equal(await page.textContent('#evictions'), '0')
 
     const rows = await page.locator('#routes tbody tr').evaluateAll((trs) =>
       trs.map((tr) => Array.from(tr.querySelectorAll('td'), (td) => td.textContent)))
