@@ -16,18 +16,24 @@ const SHORT = 150
 // pg's Pool, Client and PoolClient are all passed below where the store takes a SqlClient:
 // `npx tsc` checks that each of them fits the structural type.
 
+type Query = string | { name: string, text: string }
+
 /**
- * A client that passes every query on and keeps its text (round trips are
- * counted from it), and how many of its queries have not answered yet.
+ * A client that passes every query on (text or a named statement) and keeps
+ * its text, so that round trips can be counted, and how many of its queries
+ * have not answered yet. `textOnly`: it refuses named statements, as a client
+ * that is no `pg` one might.
  */
-function recording (client: SqlClient): SqlClient & { texts: string[], pending: number } {
+function recording (client: SqlClient, textOnly = false): SqlClient & { texts: string[], pending: number } {
+  const send = client.query.bind(client) as (query: Query, values?: unknown[]) => ReturnType<SqlClient['query']>
   const recorder = {
     texts: [] as string[],
     pending: 0,
-    query (text: string, values?: unknown[]) {
-      recorder.texts.push(text)
+    query (query: Query, values?: unknown[]) {
+      if (textOnly && typeof query !== 'string') throw new TypeError('this client takes text only')
+      recorder.texts.push(typeof query === 'string' ? query : query.text)
       recorder.pending++
-      return client.query(text, values).finally(() => { recorder.pending-- })
+      return send(query, values).finally(() => { recorder.pending-- })
     }
   }
   return recorder
@@ -125,7 +131,7 @@ withPostgres(t, (t) => {
     })
   })
 
-  t.test('the store contract, through one Client, on a schema-qualified table with a hostile name', async (t) => {
+  t.test('the store contract, through one Client taking text only (prepare off), on a schema-qualified table with a hostile name', async (t) => {
     const client = new pg.Client({ connectionString: server.connectionString })
     await client.connect()
     t.teardown(() => client.end())
@@ -133,7 +139,7 @@ withPostgres(t, (t) => {
     await pool.query(`CREATE SCHEMA ${quote(schema)}`)
     const table = `${quote(schema)}.${quote(`r "${uniqueTable('c')}"; --`)}`
     storeContract(t, {
-      create: () => newStore(t, { pool: client, table }),
+      create: () => newStore(t, { pool: recording(client, true), table, prepare: false }),
       advance: (ms) => sleep(ms),
       short: SHORT,
       expiresIn: true
@@ -205,6 +211,30 @@ withPostgres(t, (t) => {
     const done = await store.lookup('done')
     t.ok(done?.state === 'completed' && done.expiresIn !== undefined && done.expiresIn > 55_000 && done.expiresIn <= 60_000,
       `its record lives ttl from its completion (${done?.state === 'completed' && done.expiresIn})`)
+  })
+
+  t.test('statements are prepared once per connection, under names of their own; prepare: false prepares none', async (t) => {
+    const client = new pg.Client({ connectionString: server.connectionString })
+    await client.connect()
+    t.teardown(() => client.end())
+    const prepared = async () => (await client.query('SELECT name FROM pg_prepared_statements ORDER BY name')).rows.map((row) => row.name as string)
+    const a = newStore(t, { pool: client, table: uniqueTable('prepared_a') })
+    const b = newStore(t, { pool: client, table: uniqueTable('prepared_b') })
+    for (const store of [a, b]) {
+      const token = await claimToken(store, 'k')
+      t.ok(await store.complete('k', token, sampleResponse(), LONG))
+      t.equal((await store.claim('k', 'fp', LONG)).record?.state, 'completed')
+    }
+    const names = await prepared()
+    t.equal(names.length, 5, 'claim and complete of each table, and the existence check they share (its text is the same): a statement run twice is prepared once')
+    t.ok(names.every((name) => /^idempotency_[0-9a-f]{24}$/.test(name)), 'named after what they say, so two tables on one connection never clash')
+
+    const plain = new pg.Client({ connectionString: server.connectionString })
+    await plain.connect()
+    t.teardown(() => plain.end())
+    const unprepared = newStore(t, { pool: plain, table: uniqueTable('unprepared'), prepare: false })
+    await claimToken(unprepared, 'k')
+    t.strictSame((await plain.query('SELECT name FROM pg_prepared_statements')).rows, [], 'prepare: false')
   })
 
   t.test('round trips: one statement per operation, and a replay writes nothing', async (t) => {
@@ -738,6 +768,7 @@ withPostgres(t, (t) => {
     t.throws(bad({ pool, timeout: 1.5 }), { message: /timeout must be a positive integer/ })
     t.throws(bad({ pool, sweepInterval: -1 }), { message: /sweepInterval must be an integer >= 0/ })
     t.throws(bad({ pool, sweepBatch: 0 }), { message: /sweepBatch must be a positive integer/ })
+    t.throws(bad({ pool, prepare: 1 }), { message: /prepare must be a boolean/ })
     t.throws(bad({ pool, table: 'a b' }), { message: /invalid table "a b"/ })
   })
 })
