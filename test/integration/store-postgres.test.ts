@@ -522,6 +522,23 @@ withPostgres(t, (t) => {
     t.ok(BigInt(after.token as string) > BigInt(other))
   })
 
+  t.test('completeWith in a REPEATABLE READ transaction fails with 40001 if the claim was renewed after its snapshot', async (t) => {
+    const store = newStore(t)
+    const token = await claimToken(store, 'k')
+    const renewed = await transaction()
+    await renewed.query('SET TRANSACTION ISOLATION LEVEL REPEATABLE READ')
+    await renewed.query('SELECT 1') // the snapshot
+    t.ok(await store.renew('k', token, LONG))
+    await t.rejects(store.completeWith(renewed, 'k', token, sampleResponse(), LONG), { code: '40001' }, 'the caller\'s transaction is doomed: it rolls back (and may run again)')
+    await renewed.finish('ROLLBACK')
+    const fresh = await transaction()
+    await fresh.query('SET TRANSACTION ISOLATION LEVEL REPEATABLE READ')
+    await fresh.query('SELECT 1')
+    t.equal(await store.completeWith(fresh, 'k', token, sampleResponse(), LONG), true, 'without a renew in between it saves')
+    await fresh.finish('COMMIT')
+    t.equal((await store.lookup('k'))?.state, 'completed')
+  })
+
   t.test('the sweeper deletes expired rows only, in batches, skipping locked ones', async (t) => {
     const client = recording(pool)
     const table = uniqueTable('sweep')
