@@ -326,6 +326,9 @@ export class PostgresStore implements IdempotencyStore {
   private readonly names: Names
   private readonly sql: ReturnType<typeof statements>
   private readonly prepare: boolean
+  private readonly createTable: boolean
+  /** The `table` option as given, for messages. */
+  private readonly tableOption: string
   private readonly deadlines: Deadlines
   /** Set once the tables are known to exist (or createTable is off). */
   private ready: boolean
@@ -365,11 +368,26 @@ export class PostgresStore implements IdempotencyStore {
     this.sweepInterval = sweepInterval
     this.sweepBatch = sweepBatch
     this.prepare = prepare
+    this.createTable = createTable
+    this.tableOption = table
     this.deadlines = new Deadlines(timeout)
     this.ready = !createTable
     if (sweepInterval > 0) {
       // Not before the first call has made sure the tables exist: a store nobody uses creates nothing.
       this.sweeper = setInterval(() => { if (this.ready) this.sweep().catch(noop) }, sweepInterval).unref()
+    }
+  }
+
+  /**
+   * For start-up: creates what is missing (createTable), or checks that the
+   * tables exist, so that a missing schema fails the start rather than the
+   * first request.
+   */
+  async verify (): Promise<void> {
+    if (this.createTable) return await this.run(async () => {})
+    const { rows } = await this.run(() => this.query(this.sql.exists, this.objects()))
+    if (rows[0].ready !== true) {
+      throw new Error(`PostgresStore: the table ${this.table}, its stats tables or its index do not exist: create them with PostgresStore.schema(${JSON.stringify(this.tableOption)}) in a migration, or set createTable: true`)
     }
   }
 
@@ -492,6 +510,12 @@ export class PostgresStore implements IdempotencyStore {
     return deleted
   }
 
+  /** What the existence check looks for: the three tables and the index. */
+  private objects (): string[] {
+    const { records, expiresIndexQualified, periods, stats } = this.names
+    return [records, expiresIndexQualified, periods, stats]
+  }
+
   /** One statement through the pool, named unless `prepare` is off. */
   private query (statement: Statement, values: unknown[]): ReturnType<SqlClient['query']> {
     if (!this.prepare) return this.pool.query(statement.text, values)
@@ -523,10 +547,9 @@ export class PostgresStore implements IdempotencyStore {
    */
   private createTables (): Promise<void> {
     this.creating ??= (async () => {
-      const { records, expiresIndexQualified, periods, stats } = this.names
-      const { rows } = await this.query(this.sql.exists, [records, expiresIndexQualified, periods, stats])
+      const { rows } = await this.query(this.sql.exists, this.objects())
       if (rows[0].ready !== true) {
-        const lock = createHash('sha256').update(records).digest().readInt32BE(0)
+        const lock = createHash('sha256').update(this.table).digest().readInt32BE(0)
         await this.pool.query(`SET LOCAL client_min_messages = warning;\nSELECT pg_advisory_xact_lock(${LOCK_CLASS}, ${lock});\n${schemaSql(this.names)}`)
       }
       this.ready = true

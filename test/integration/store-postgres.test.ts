@@ -321,6 +321,24 @@ withPostgres(t, (t) => {
     t.equal((await store.readStats())['POST /m'].executed, 1, 'the stats tables are in the schema too')
   })
 
+  t.test('verify(), for start-up: creates the tables with createTable, says what to run without it', async (t) => {
+    const created = uniqueTable('verified')
+    const client = recording(pool)
+    await newStore(t, { pool: client, table: created }).verify()
+    t.not((await pool.query('SELECT to_regclass($1) AS t', [`${created}_stats_periods`])).rows[0].t, null, 'createTable: made before any request')
+    t.strictSame(client.texts.map(kind), ['exists', 'ddl'])
+
+    const missing = uniqueTable('unverified')
+    const store = newStore(t, { table: missing, createTable: false })
+    await t.rejects(store.verify(), { message: `PostgresStore: the table "${missing}", its stats tables or its index do not exist: create them with PostgresStore.schema("${missing}") in a migration, or set createTable: true` })
+    await pool.query(PostgresStore.schema(missing))
+    await pool.query(`DROP INDEX ${missing}_expires_idx`)
+    await t.rejects(store.verify(), { message: /do not exist/ }, 'every object counts, the index too')
+    await pool.query(PostgresStore.schema(missing))
+    await store.verify()
+    t.equal((await pool.query('SELECT to_regclass($1) AS t', [missing])).rows[0].t, missing, 'once migrated, it passes')
+  })
+
   t.test('createTable leaves existing tables alone: no DDL, so a role without CREATE works', async (t) => {
     const table = uniqueTable('existing')
     const role = `idem_app_${process.pid}`
