@@ -154,6 +154,11 @@ const redisSchema = Type.Object({
   replicaTimeout: Type.Optional(durationSchema(`must be a positive duration (${DURATION_MESSAGE})`))
 }, { additionalProperties: false })
 
+const postgresSchema = Type.Object({
+  table: Type.Optional(Type.String({ minLength: 1, errorMessage: 'must be a table name, optionally schema-qualified (\'schema.table\')' })),
+  createTable: Type.Optional(Type.Boolean())
+}, { additionalProperties: false })
+
 const optionsSchema = Type.Partial(Type.Object({
   ...inheritableSchema,
   header: Type.String({ pattern: TOKEN, errorMessage: 'must be a valid HTTP header name' }),
@@ -182,6 +187,7 @@ const optionsSchema = Type.Partial(Type.Object({
     errorMessage: 'must be \'memory\', \'redis\', \'postgres\' or an object with claim, complete, release and renew methods'
   }),
   redis: redisSchema,
+  postgres: postgresSchema,
   storeTimeout: durationSchema(`must be a positive duration (${DURATION_MESSAGE})`),
   replayCache: Type.Integer({ minimum: 0, errorMessage: 'must be a number of bytes (an integer of at least 0)' }),
   errors: Type.Union([Type.Literal('fastify'), Type.Literal('problem+json')], {
@@ -218,6 +224,11 @@ export interface StatsSettings {
   preHandler: preHandlerHookHandler[]
 }
 
+export interface PostgresSettings {
+  table?: string
+  createTable?: boolean
+}
+
 export interface RedisSettings {
   requireNoEviction: boolean
   replicas: number
@@ -246,6 +257,7 @@ export interface PluginSettings {
   unsavedHeaders: ReadonlySet<string>
   store: 'memory' | 'redis' | 'postgres' | IdempotencyStore
   redis: RedisSettings
+  postgres: PostgresSettings
   storeTimeout: number
   replayCache: number
   problemJson: boolean
@@ -309,6 +321,7 @@ export function resolveOptions (options: FastifyIdempotencyOptions): PluginSetti
       replicas: options.redis?.replicas ?? 0,
       replicaTimeout: options.redis?.replicaTimeout === undefined ? 100 : duration(options.redis.replicaTimeout, 'redis.replicaTimeout', invalid)
     },
+    postgres: { ...options.postgres },
     storeTimeout,
     replayCache: options.replayCache ?? 16 * 1024 * 1024,
     problemJson: options.errors === 'problem+json',

@@ -112,6 +112,7 @@ test('a valid option set with every field is accepted', async (t) => {
     replaySetCookie: true,
     store: new MemoryStore(),
     redis: { requireNoEviction: true, replicas: 1, replicaTimeout: '50ms' },
+    postgres: { table: 'billing.idempotency', createTable: false },
     storeTimeout: '1s',
     replayCache: 0,
     onStoreError: 'fail-open',

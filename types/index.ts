@@ -255,6 +255,14 @@ export interface RedisOptions {
   replicaTimeout?: Duration
 }
 
+/** Options of the Postgres store, for `store: 'postgres'` (and `new PostgresStore`). */
+export interface PostgresOptions {
+  /** The records table, `name` or `schema.name`. Default `'idempotency_records'`. */
+  table?: string
+  /** Create the tables when missing, at start-up. Default true; with false, run `PostgresStore.schema()` in a migration. */
+  createTable?: boolean
+}
+
 /**
  * Options that a route's `config.idempotency` can override; a route that
  * does not set one inherits the plugin's.
@@ -333,6 +341,8 @@ export interface FastifyIdempotencyOptions extends InheritableOptions {
   store?: 'memory' | 'redis' | 'postgres' | IdempotencyStore
   /** With `store: 'redis'`: the Redis store's options. */
   redis?: RedisOptions
+  /** With `store: 'postgres'`: the Postgres store's options. */
+  postgres?: PostgresOptions
   /** How long one store operation may take before it counts as a failure. Default `'2s'`. */
   storeTimeout?: Duration
   /**

@@ -8,9 +8,10 @@ import type { FastifyInstance } from 'fastify'
 import { InvalidOptionError } from '../errors.js'
 import type { Inherited, PluginSettings } from '../options.js'
 import { warnings } from '../warnings.js'
-import type { IdempotencyStore } from '../../types/index.js'
+import type { IdempotencyStore, SqlClient } from '../../types/index.js'
 import { ReplayCache } from './cache.js'
 import { MemoryStore } from './memory.js'
+import { PostgresStore } from './postgres.js'
 import { RedisStore } from './redis.js'
 
 type RedisClient = ConstructorParameters<typeof RedisStore>[0]['client']
@@ -65,19 +66,28 @@ export class Stores {
         return redis
       })
     }
-    throw fail('store', 'the Postgres store is not wired in yet')
+    return this.once(`postgres\0${options.pgNamespace ?? ''}\0${options.namespace}`, () => new PostgresStore({
+      pool: pgPool(this.fastify, options.pgNamespace, fail),
+      namespace: options.namespace,
+      timeout: this.settings.storeTimeout,
+      ...this.settings.postgres
+    }))
   }
 
   /**
    * At start-up: Redis stores check the eviction policy (and fail start-up
-   * with `redis.requireNoEviction`) and their client's queueing.
+   * with `redis.requireNoEviction`) and their client's queueing; Postgres
+   * stores create their tables (or, with `createTable: false`, check them).
    */
   async verify (): Promise<void> {
     for (const store of this.made.values()) {
-      if (!(store instanceof RedisStore)) continue
-      const queue = RedisStore.queueWarning(store.client)
-      if (queue !== undefined) warnings.redisQueue(queue)
-      await store.verify()
+      if (store instanceof RedisStore) {
+        const queue = RedisStore.queueWarning(store.client)
+        if (queue !== undefined) warnings.redisQueue(queue)
+        await store.verify()
+      } else if (store instanceof PostgresStore) {
+        await store.verify()
+      }
     }
   }
 
@@ -128,4 +138,20 @@ function redisClient (fastify: FastifyInstance, namespace: string | undefined, f
       (namespace === undefined ? ' (or set redisNamespace)' : ''))
   }
   return client
+}
+
+/** The pool of `@fastify/postgres` (or of one of its named databases), or a start-up error saying how to get one. */
+function pgPool (fastify: FastifyInstance, namespace: string | undefined, fail: Fail): SqlClient {
+  const register = namespace === undefined ? '@fastify/postgres' : `@fastify/postgres with { name: '${namespace}' }`
+  const path = namespace === undefined ? 'store' : 'pgNamespace'
+  if (!fastify.hasDecorator('pg')) {
+    throw fail(path, `the Postgres store uses the pool of @fastify/postgres: register ${register} before fastify-idempotency`)
+  }
+  const decorator = (fastify as unknown as { pg: Record<string, unknown> }).pg
+  const db = (namespace === undefined ? decorator : decorator[namespace]) as { pool?: Partial<SqlClient> } | undefined
+  if (typeof db?.pool?.query !== 'function') {
+    throw fail(path, `fastify.pg${namespace === undefined ? '' : '.' + namespace} is not a @fastify/postgres database: register ${register} before fastify-idempotency` +
+      (namespace === undefined ? ' (or set pgNamespace)' : ''))
+  }
+  return db.pool as SqlClient
 }
