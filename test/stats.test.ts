@@ -254,7 +254,13 @@ test('the page: store sizes, estimates, an empty run', async (t) => {
 
 test('the page and stats(): in-flight claims apart, evictions, the eviction policy, memory near its bound, with warnings', async (t) => {
   const usage: StoreUsage = {
-    records: 10, inFlight: 3, bytes: 950, maxBytes: 1000, evictions: 7, evictionPolicy: 'allkeys-lru', estimated: false,
+    records: 10,
+    inFlight: 3,
+    bytes: 950,
+    maxBytes: 1000,
+    evictions: 7,
+    evictionPolicy: 'allkeys-lru',
+    estimated: false,
     warnings: ['Redis runs with maxmemory-policy allkeys-lru: it may evict records.']
   }
   const store = new SizedStore(usage)
