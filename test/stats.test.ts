@@ -5,6 +5,7 @@
  */
 import { test, type Test } from 'tap'
 import { MemoryStore, type StatsCounts, type StoreUsage } from '../index.js'
+import { Stats } from '../lib/stats.js'
 import { build, capturingLogger, ERROR, FlakyStore, gate, sleep, until, type LogLine } from './helpers/app.js'
 
 const NONE = { executed: 0, replayed: 0, conflicts: 0, mismatches: 0, missingKeys: 0, invalidKeys: 0, storeErrors: 0 }
@@ -109,23 +110,46 @@ test('stats: false counts nothing', async (t) => {
   t.equal(stats.store.records, 4, 'the store\'s size is still known')
 })
 
+/** Stats kept in-process over a memory store, on a clock that moves only when the test says so. */
+function clocked (t: Test, ttl: number) {
+  const clock = { now: 1_000_000 }
+  const store = new MemoryStore()
+  const stats = new Stats(store, { ttl, flushInterval: 60_000, warnRecords: 8000, counting: true, route: undefined, preHandler: [] }, (err) => { throw err }, () => clock.now)
+  t.teardown(async () => {
+    await stats.close()
+    store.close()
+  })
+  return { stats, clock, counters: stats.counters('POST /a') }
+}
+
 test('stats.ttl: in-process counters are dropped ttl after their last change, even unread', async (t) => {
-  const { app, send } = await statsApp(t, { stats: { ttl: 200, flushInterval: 10 } })
-  await send('/a', 'k1')
-  await sleep(600)
-  t.strictSame((await app.idempotency.stats()).routes, [], 'counted, never read, expired')
+  const { stats, clock, counters } = clocked(t, 200)
+  counters.executed++
+  await stats.flush() // what the flush timer does
+  clock.now += 201
+  await stats.flush()
+  t.strictSame((await stats.read()).routes, [], 'counted, never read, expired')
 })
 
 test('stats.ttl: counters that keep changing are kept, the older ones with them', async (t) => {
-  const { app, send } = await statsApp(t, { stats: { ttl: 500, flushInterval: 10 } })
-  await send('/a', 'k1')
-  t.equal((await app.idempotency.stats()).totals.executed, 1)
-  await sleep(300)
-  await send('/a', 'k2')
-  await sleep(350) // 650 ms after the first change, 350 ms after the last one
-  t.equal((await app.idempotency.stats()).totals.executed, 2)
-  await sleep(700)
-  t.strictSame((await app.idempotency.stats()).routes, [], 'and dropped once ttl has passed since the last change')
+  const { stats, clock, counters } = clocked(t, 500)
+  counters.executed++
+  t.equal((await stats.read()).totals.executed, 1)
+  clock.now += 300
+  counters.executed++
+  await stats.flush()
+  clock.now += 350 // 650 ms after the first change, 350 ms after the last one
+  t.equal((await stats.read()).totals.executed, 2)
+  clock.now += 151
+  t.strictSame((await stats.read()).routes, [], 'and dropped once ttl has passed since the last change')
+})
+
+test('stats: false counts nothing and runs no timer', async (t) => {
+  const store = new MemoryStore()
+  t.teardown(() => store.close())
+  const stats = new Stats(store, { ttl: 1000, flushInterval: 1, warnRecords: 8000, counting: false, route: undefined, preHandler: [] }, () => {})
+  t.equal((stats as unknown as { timer: unknown }).timer, undefined)
+  await stats.close()
 })
 
 test('the stats route is off by default', async (t) => {
