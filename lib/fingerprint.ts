@@ -333,8 +333,9 @@ class Writer {
 /**
  * What a survey of a large body found, when the body is plain JSON: a tree
  * (no object twice) of ordinary objects and arrays holding strings, numbers,
- * booleans and null. Given every key of the body, sorted, JSON.stringify then
- * writes exactly the canonical text of any part of it.
+ * booleans and null. Given the keys of the small objects, sorted,
+ * JSON.stringify writes exactly the canonical text of any small part of it;
+ * the walk writes the large containers around those parts.
  */
 class PlainJson {
   constructor (
@@ -385,12 +386,20 @@ function planPlainJson (value: unknown): PlainJson | undefined {
 }
 
 function survey (root: unknown): PlainJson | undefined {
-  const names = new Set<string>()
   const seen = new Set<object>()
   const sizes = new Map<object, number>()
   const stack: SurveyFrame[] = []
+  /** The keys of the objects JSON.stringify will write (the walk writes the large ones). */
+  const names = new Set<string>()
   let objects = 0
   let properties = 0
+  /** JSON.stringify calls at most: one per item of a large container. */
+  let pieces = 0
+  let values = 0
+
+  // JSON.stringify reads the keys it is given once per call, and looks each one up in
+  // every object: with many distinct keys, most of them absent, the general walk is faster.
+  const tooManyNames = (): boolean => objects * names.size > 8 * properties + 4096
 
   /** Pushes a frame for `value`, or says it is not plain. */
   function enter (value: object): boolean {
@@ -404,13 +413,8 @@ function survey (root: unknown): PlainJson | undefined {
     const proto = Object.getPrototypeOf(value)
     if (proto !== Object.prototype && proto !== null) return false
     const keys = Object.keys(value)
-    for (let i = 0; i < keys.length; i++) {
-      // JSON.stringify would read `__proto__` from the objects that lack it: their prototype.
-      if (keys[i] === '__proto__') return false
-      names.add(keys[i])
-    }
-    objects++
-    properties += keys.length
+    // JSON.stringify would read `__proto__` from the objects that lack it: their prototype.
+    if (keys.includes('__proto__')) return false
     stack.push(new SurveyFrame(value, keys, keys.length))
     return true
   }
@@ -420,10 +424,22 @@ function survey (root: unknown): PlainJson | undefined {
     const frame = stack[stack.length - 1]
     if (frame.index === frame.length) {
       stack.pop()
-      if (frame.height > DEEP) sizes.set(frame.container, Infinity)
-      else if (frame.size > SMALL) sizes.set(frame.container, frame.size)
+      if (frame.height > DEEP || frame.size > LARGE) {
+        sizes.set(frame.container, frame.height > DEEP ? Infinity : frame.size)
+        pieces += frame.length
+      } else {
+        if (frame.size > SMALL) sizes.set(frame.container, frame.size)
+        if (frame.keys !== null) {
+          objects++
+          properties += frame.keys.length
+          for (let i = 0; i < frame.keys.length; i++) names.add(frame.keys[i])
+          if (names.size > 4096 && tooManyNames()) return undefined
+        }
+      }
       const parent = stack[stack.length - 1]
-      if (parent !== undefined) {
+      if (parent === undefined) {
+        values = frame.size
+      } else {
         parent.size += frame.size
         if (frame.height >= parent.height) parent.height = frame.height + 1
       }
@@ -441,10 +457,8 @@ function survey (root: unknown): PlainJson | undefined {
       frame.size++
     }
   }
-  const keys = [...names].sort()
-  // JSON.stringify looks every given key up in every object: not worth it when most are absent.
-  if (objects * keys.length > 8 * properties + 4096) return undefined
-  return new PlainJson(keys, sizes)
+  if (tooManyNames() || pieces * names.size > 16 * values + 65536) return undefined
+  return new PlainJson([...names].sort(), sizes)
 }
 
 /**
