@@ -85,8 +85,9 @@ function canonical (value: unknown, sink: Sink | undefined): string {
   const first = new Writer(sink, undefined, BUDGET)
   const text = first.write(value)
   if (!first.overBudget) return text
-  // A large body of plain JSON is written mostly by the engine's JSON.stringify, several times faster.
-  return new Writer(sink, planPlainJson(value), Infinity).write(value)
+  // A large body of plain JSON is written mostly by the engine's JSON.stringify, several times
+  // faster. (Only an object or an array holds enough values to pass the budget.)
+  return new Writer(sink, planPlainJson(value as object), Infinity).write(value)
 }
 
 /** Values the first walk writes before a body counts as large. */
@@ -376,7 +377,7 @@ class SurveyFrame {
 }
 
 /** A plan for `value` if it is plain JSON that JSON.stringify can write cheaply; otherwise undefined. */
-function planPlainJson (value: unknown): PlainJson | undefined {
+function planPlainJson (value: object): PlainJson | undefined {
   try {
     return survey(value)
   } catch {
@@ -385,7 +386,7 @@ function planPlainJson (value: unknown): PlainJson | undefined {
   }
 }
 
-function survey (root: unknown): PlainJson | undefined {
+function survey (root: object): PlainJson | undefined {
   const seen = new Set<object>()
   const sizes = new Map<object, number>()
   const stack: SurveyFrame[] = []
@@ -406,7 +407,8 @@ function survey (root: unknown): PlainJson | undefined {
     if (seen.has(value)) return false
     seen.add(value)
     if (Array.isArray(value)) {
-      if (Object.getPrototypeOf(value) !== Array.prototype || typeof (value as { toJSON?: unknown }).toJSON === 'function') return false
+      // Its toJSON might return what JSON.stringify cannot write as the walk does.
+      if (typeof (value as { toJSON?: unknown }).toJSON === 'function') return false
       stack.push(new SurveyFrame(value, null, value.length))
       return true
     }
@@ -419,7 +421,7 @@ function survey (root: unknown): PlainJson | undefined {
     return true
   }
 
-  if (typeof root !== 'object' || root === null || !enter(root)) return undefined
+  if (!enter(root)) return undefined
   while (stack.length > 0) {
     const frame = stack[stack.length - 1]
     if (frame.index === frame.length) {
