@@ -174,9 +174,10 @@ class Writer {
       if (frame.keys === null) {
         const items = frame.items as unknown[]
         const end = this.plan === undefined ? index : this.plan.batchEnd(items, index)
-        if (end > index + 1) {
-          // A run of small items in one JSON.stringify call, without its brackets.
-          this.out += (index > 0 ? ',' : '') + JSON.stringify(items.slice(index, end), this.plan?.keys).slice(1, -1)
+        // A run of small items in one JSON.stringify call; if it throws, they go one by one.
+        const run = end > index + 1 ? stringify(items.slice(index, end), this.plan?.keys) : undefined
+        if (run !== undefined) {
+          this.out += (index > 0 ? ',' : '') + run.slice(1, -1)
           frame.index = end
         } else {
           let item: unknown
@@ -234,7 +235,7 @@ class Writer {
       return
     }
     if (this.plan !== undefined && !this.plan.isLarge(value)) {
-      this.out += JSON.stringify(value, this.plan.keys)
+      this.out += stringify(value, this.plan.keys) ?? THROWS
       return
     }
     const earlier = this.ordinals === undefined ? this.containers.indexOf(value) : this.ordinals.get(value) ?? -1
@@ -475,6 +476,15 @@ function resolve (value: unknown, key: Step): unknown {
   const toJSON = (value as { toJSON?: unknown }).toJSON
   if (typeof toJSON !== 'function') return value
   return toJSON.call(value, typeof key === 'number' ? '' + key : key) as unknown
+}
+
+/** JSON.stringify, or undefined if a getter or a Proxy trap throws this time (the survey read them once). */
+function stringify (value: unknown, keys: string[] | undefined): string | undefined {
+  try {
+    return JSON.stringify(value, keys)
+  } catch {
+    return undefined
+  }
 }
 
 function bytesOf (value: ArrayBufferView | ArrayBufferLike): Buffer {
