@@ -5,8 +5,13 @@
  *
  *   npx tsx bench/micro/fingerprint.ts [baseline.ts]
  *
- * With a baseline module (one exporting `defaultFingerprint`, e.g. an earlier
- * lib/fingerprint.ts taken from git), both run side by side on the same bodies.
+ * With a baseline module (one exporting `defaultFingerprint`), both run side
+ * by side on the same bodies, e.g. an earlier version from git:
+ *
+ *   git show <commit>:lib/fingerprint.ts > /tmp/fingerprint-baseline.ts
+ *   npx tsx bench/micro/fingerprint.ts /tmp/fingerprint-baseline.ts
+ *
+ * A body the baseline cannot fingerprint is reported with its error.
  */
 import { resolve } from 'node:path'
 import { pathToFileURL } from 'node:url'
@@ -91,12 +96,8 @@ for (const [body, req] of bodies) {
 }
 await bench.run()
 console.table(bench.tasks.map((task) => {
-  const result = task.result as { latency?: { mean: number, p99?: number }, throughput?: { mean: number } }
-  return {
-    task: task.name,
-    'mean (µs)': result.latency === undefined ? '' : (result.latency.mean * 1000).toFixed(2),
-    'p99 (µs)': result.latency?.p99 === undefined ? '' : (result.latency.p99 * 1000).toFixed(2),
-    'ops/s': result.throughput === undefined ? '' : Math.round(result.throughput.mean)
-  }
+  const latency = (task.result as { latency?: { mean: number, p50?: number, p99?: number } }).latency
+  const micros = (ms: number | undefined) => ms === undefined ? '' : (ms * 1000).toFixed(1)
+  return { task: task.name, 'mean (µs)': micros(latency?.mean), 'p50 (µs)': micros(latency?.p50), 'p99 (µs)': micros(latency?.p99) }
 }))
 for (const failure of failures) console.log(failure)
