@@ -238,9 +238,9 @@ function reversed (value: unknown): unknown {
 }
 
 /** Records as a JSON API sends them, parsed: enough of them to make a large body. */
-function records (count: number, from = 0): unknown[] {
+function records (count: number): unknown[] {
   return JSON.parse(JSON.stringify(Array.from({ length: count }, (_, i) => ({
-    id: from + i, name: `item "${from + i}"\n`, price: (from + i) * 0.25, tags: ['a', 'b'], active: i % 2 === 0, note: null
+    id: i, name: `item "${i}"\n`, price: i * 0.25, tags: ['a', 'b'], active: i % 2 === 0, note: null
   })))) as unknown[]
 }
 
