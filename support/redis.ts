@@ -57,8 +57,6 @@ export interface RedisServer {
 export interface RedisServerOptions {
   /** More `redis-server` arguments; they override the defaults and the options below (e.g. `['--appendonly', 'yes']`). */
   args?: string[]
-  /** Allows `DEBUG` (`DEBUG SLEEP` freezes the server for a while); Redis 7.0 and later. */
-  debug?: boolean
   /** `maxmemory`, e.g. `'2mb'`. */
   maxmemory?: string
   /** `maxmemory-policy`, e.g. `'allkeys-lru'`. */
@@ -146,7 +144,6 @@ async function spawnServer (extra: (port: number) => Promise<string[]>, dir: str
 export async function startRedis (options: RedisServerOptions = {}): Promise<RedisServer> {
   const dir = mkdtempSync(join(tmpdir(), 'idem-redis-'))
   const args: string[] = []
-  if (options.debug === true) args.push('--enable-debug-command', 'yes')
   if (options.maxmemory !== undefined) args.push('--maxmemory', options.maxmemory)
   if (options.policy !== undefined) args.push('--maxmemory-policy', options.policy)
   if (options.replicaOf !== undefined) args.push('--replicaof', HOST, String(options.replicaOf))
