@@ -230,9 +230,9 @@ function zeroCounters (): RouteCounters {
 }
 
 /**
- * When a connection was lost and has not been ready again since. ioredis holds
- * the commands sent meanwhile (its offline queue) until it reconnects or gives
- * up, after `maxRetriesPerRequest` attempts, possibly minutes later.
+ * Since when a connection has been lost and not ready again. ioredis holds
+ * the commands sent meanwhile (its offline queue) until it reconnects or
+ * gives up, after `maxRetriesPerRequest` attempts, possibly minutes later.
  */
 class Outage {
   private since: number | undefined
@@ -243,6 +243,23 @@ class Outage {
   longerThan (ms: number): boolean {
     return this.since !== undefined && performance.now() - this.since >= ms
   }
+}
+
+/**
+ * One outage per client, shared by every store on it: one pair of listeners
+ * per client however many stores use it (they stay for the client's life).
+ */
+const outages = new WeakMap<Redis | Cluster, Outage>()
+
+function outageOf (client: Redis | Cluster): Outage {
+  let outage = outages.get(client)
+  if (outage === undefined) {
+    outage = new Outage()
+    client.on('close', outage.lost)
+    client.on('ready', outage.ready)
+    outages.set(client, outage)
+  }
+  return outage
 }
 
 export class RedisStore implements IdempotencyStore {
@@ -264,12 +281,12 @@ export class RedisStore implements IdempotencyStore {
   /** One hash holds every route's counters (a hash tag keeps it on one Cluster slot). */
   private readonly statsKey: string
   private readonly deadlines: Deadlines
-  private readonly outage = new Outage()
+  private readonly outage: Outage
   /** The connection of `lookup()`, opened on the first one: a read there never waits behind a script that Redis holds. */
   private reader: { client: Redis | Cluster, outage: Outage } | undefined
   private turn: Turn | undefined
-  /** `verify()` was called: the policy is checked again after every reconnect. */
-  private checking = false
+  /** Calls of `verify()` under way: a reconnect meanwhile needs no check of its own (their INFO goes to the new connection). */
+  private verifying = 0
   /** With `requireNoEviction`: the evicting policy that the last check found, while claims are refused. */
   private refusing: string | undefined
 
@@ -284,8 +301,7 @@ export class RedisStore implements IdempotencyStore {
   }
 
   private readonly reconnected = (): void => {
-    this.outage.ready()
-    if (!this.checking) return
+    if (this.verifying > 0) return
     this.verify().catch((err: unknown) => {
       // A refusal has already set the state; anything else leaves it as the last check found it.
       if (!(err instanceof RedisEvictionError)) {
@@ -321,8 +337,7 @@ export class RedisStore implements IdempotencyStore {
     this.replicas = replicas
     this.replicaTimeout = replicaTimeout
     this.deadlines = new Deadlines(timeout)
-    client.on('close', this.outage.lost)
-    client.on('ready', this.reconnected)
+    this.outage = outageOf(client)
   }
 
   /**
@@ -362,12 +377,18 @@ export class RedisStore implements IdempotencyStore {
    * reported.
    */
   async verify (): Promise<RedisMemoryPolicy> {
-    this.checking = true
-    const nodes = await this.masters()
-    const found = await Promise.all(nodes.map(async (node) => {
-      const info = parseInfo(await this.deadlines.bound(node.info('memory')))
-      return { policy: info.maxmemory_policy, maxmemory: Number(info.maxmemory) }
-    }))
+    // From the first check on, every reconnect checks again (only stores that are verified listen).
+    if (!this.redis.listeners('ready').includes(this.reconnected)) this.redis.on('ready', this.reconnected)
+    this.verifying++
+    let found: RedisMemoryPolicy[]
+    try {
+      found = await Promise.all((await this.masters()).map(async (node) => {
+        const info = parseInfo(await this.deadlines.bound(node.info('memory')))
+        return { policy: info.maxmemory_policy, maxmemory: Number(info.maxmemory) }
+      }))
+    } finally {
+      this.verifying--
+    }
     const verdict = found.find(({ policy }) => policy !== 'noeviction') ?? found[0]
     if (verdict.policy === 'noeviction') {
       this.refusing = undefined
@@ -517,7 +538,9 @@ export class RedisStore implements IdempotencyStore {
       let nodeBytes = 0
       if (keys.length > 0) {
         const pipeline = node.pipeline()
-        for (const key of keys) pipeline.hget(key, 's').memory('USAGE', key)
+        // SAMPLES 0: every field counts. By default Redis sums 5 fields of a hash and scales: a record of 6 or
+        // 7 fields would then weigh more or less depending on whether its body was one of the five.
+        for (const key of keys) pipeline.hget(key, 's').memory('USAGE', key, 'SAMPLES', 0)
         const replies = await this.deadlines.bound(pipeline.exec()) as Array<[Error | null, unknown]>
         // A key that expired since it was listed answers null to both.
         for (let i = 0; i < replies.length; i += 2) {
@@ -541,21 +564,20 @@ export class RedisStore implements IdempotencyStore {
 
   /**
    * Leaves the client connected: it belongs to the application (or
-   * `@fastify/redis`). Closes the connection of `lookup()`. Calls still under
-   * way keep their deadline.
+   * `@fastify/redis`). Closes the connection of `lookup()`, and stops the
+   * timer of the deadlines unless a call still waits for its own (it then
+   * runs out by itself, and holds no process open).
    */
   close (): void {
-    this.redis.off('close', this.outage.lost)
     this.redis.off('ready', this.reconnected)
     this.reader?.client.disconnect()
     this.reader = undefined
+    if (this.deadlines.size === 0) this.deadlines.close()
   }
 
   private openReader (): { client: Redis | Cluster, outage: Outage } {
     const client = this.redis.isCluster ? (this.redis as Cluster).duplicate() : (this.redis as Redis).duplicate()
-    const outage = new Outage()
-    client.on('close', outage.lost)
-    client.on('ready', outage.ready)
+    const outage = outageOf(client)
     client.on('error', ignore) // a failed lookup carries the error; the application's client reports the outage
     return { client, outage }
   }
