@@ -275,8 +275,10 @@ export class RedisStore implements IdempotencyStore {
    */
   onWarning: ((code: string, message: string) => void) | undefined
 
-  private readonly client: ScriptedClient
-  private readonly redis: Redis | Cluster
+  /** The application's client (`close()` leaves it connected). */
+  readonly client: Redis | Cluster
+  /** The same client, seen with the commands of the scripts. */
+  private readonly scripts: ScriptedClient
   private readonly claimCommand: string
   /** One hash holds every route's counters (a hash tag keeps it on one Cluster slot). */
   private readonly statsKey: string
@@ -295,7 +297,7 @@ export class RedisStore implements IdempotencyStore {
     this.turn = undefined
     // After the turn's claims and saves, on the same connection: it acknowledges all of them.
     if (turn.replicated !== undefined) {
-      this.deadlines.bound((this.redis as Redis).wait(this.replicas, this.replicaTimeout)).then(turn.acknowledged, turn.acknowledged)
+      this.deadlines.bound((this.client as Redis).wait(this.replicas, this.replicaTimeout)).then(turn.acknowledged, turn.acknowledged)
     }
     turn.corked?.uncork()
   }
@@ -327,8 +329,8 @@ export class RedisStore implements IdempotencyStore {
     for (const [name, lua] of [[COMMANDS.claim, CLAIM], [COMMANDS.complete, COMPLETE], [COMMANDS.release, RELEASE], [COMMANDS.renew, RENEW], [COMMANDS.addStats, ADD_STATS]]) {
       if (!(name in client)) client.defineCommand(name, { numberOfKeys: 1, lua })
     }
-    this.client = client as unknown as ScriptedClient
-    this.redis = client
+    this.client = client
+    this.scripts = client as unknown as ScriptedClient
     this.statsKey = `${prefix}stats:{idempotency-stats}`
     this.claimCommand = COMMANDS.claim + 'Buffer' // bulk replies as Buffers: bodies are bytes
     this.prefix = prefix
@@ -378,7 +380,7 @@ export class RedisStore implements IdempotencyStore {
    */
   async verify (): Promise<RedisMemoryPolicy> {
     // From the first check on, every reconnect checks again (only stores that are verified listen).
-    if (!this.redis.listeners('ready').includes(this.reconnected)) this.redis.on('ready', this.reconnected)
+    if (!this.client.listeners('ready').includes(this.reconnected)) this.client.on('ready', this.reconnected)
     this.verifying++
     let found: RedisMemoryPolicy[]
     try {
@@ -477,7 +479,7 @@ export class RedisStore implements IdempotencyStore {
   }
 
   async readStats (): Promise<StatsCounts> {
-    const fields = await this.deadlines.bound(this.redis.hgetall(this.statsKey))
+    const fields = await this.deadlines.bound(this.client.hgetall(this.statsKey))
     const counts: StatsCounts = {}
     for (const field in fields) {
       const at = field.lastIndexOf('\n')
@@ -569,14 +571,14 @@ export class RedisStore implements IdempotencyStore {
    * runs out by itself, and holds no process open).
    */
   close (): void {
-    this.redis.off('ready', this.reconnected)
+    this.client.off('ready', this.reconnected)
     this.reader?.client.disconnect()
     this.reader = undefined
     if (this.deadlines.size === 0) this.deadlines.close()
   }
 
   private openReader (): { client: Redis | Cluster, outage: Outage } {
-    const client = this.redis.isCluster ? (this.redis as Cluster).duplicate() : (this.redis as Redis).duplicate()
+    const client = this.client.isCluster ? (this.client as Cluster).duplicate() : (this.client as Redis).duplicate()
     const outage = outageOf(client)
     client.on('error', ignore) // a failed lookup carries the error; the application's client reports the outage
     return { client, outage }
@@ -593,7 +595,7 @@ export class RedisStore implements IdempotencyStore {
   private call (command: string, redisKey: string, args: Array<string | Buffer>, late?: (reply: unknown) => void): Promise<unknown> {
     if (this.outage.longerThan(this.timeout)) return Promise.reject(new StoreTimeoutError(this.timeout))
     this.joinTurn()
-    return this.deadlines.bound(this.client[command](redisKey, ...args), late)
+    return this.deadlines.bound(this.scripts[command](redisKey, ...args), late)
   }
 
   /**
@@ -606,8 +608,8 @@ export class RedisStore implements IdempotencyStore {
    * picks its node).
    */
   private joinTurn (): void {
-    if (this.turn !== undefined || this.redis.isCluster) return
-    const { stream, status } = this.redis as Redis
+    if (this.turn !== undefined || this.client.isCluster) return
+    const { stream, status } = this.client as Redis
     const turn: Turn = { corked: undefined, replicated: undefined, acknowledged: ignore }
     if (status === 'ready') {
       stream.cork()
@@ -640,8 +642,8 @@ export class RedisStore implements IdempotencyStore {
 
   /** The nodes that hold records: the client itself, or every master of a Cluster (once it knows them). */
   private async masters (): Promise<Redis[]> {
-    if (!this.redis.isCluster) return [this.redis as Redis]
-    const cluster = this.redis as Cluster
+    if (!this.client.isCluster) return [this.client as Redis]
+    const cluster = this.client as Cluster
     // A Cluster lists its nodes once it has read the slots; its commands wait for that.
     if (cluster.status !== 'ready') await this.deadlines.bound(cluster.ping())
     return cluster.nodes('master')

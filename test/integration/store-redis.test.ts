@@ -154,6 +154,7 @@ withRedis(t, (t) => {
     t.equal(store.replicas, 0)
     t.equal(store.replicaTimeout, 100)
     t.equal(store.onWarning, undefined, 'the plugin sets onWarning')
+    t.equal(store.client, client, 'the client, for RedisStore.queueWarning(store.client)')
     const key = `defaults-${process.pid}-${Date.now()}`
     const token = (await store.claim(key, undefined, 1000)).token as string
     t.teardown(() => store.release(key, token))
