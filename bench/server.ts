@@ -94,10 +94,25 @@ async function fastifyApp (): Promise<FastifyInstance> {
       app.post(ROUTE, await powertoolsRoute(redisUrl as string, placeOrder, closers))
       return app
     }
-    case 'rate-limit': {
+    case 'floor-1':
+    case 'floor-2': {
+      const { default: fastifyRedis } = await import('@fastify/redis')
+      const { floorHooks } = await import('./floors.js')
+      await app.register(fastifyRedis, { url: redisUrl })
+      floorHooks(app, name === 'floor-2')
+      break
+    }
+    case 'rate-limit':
+    case 'rate-limit-redis': {
       const { default: rateLimit } = await import('@fastify/rate-limit')
-      // A limit no run reaches: every request pays the lookup, none is refused.
-      await app.register(rateLimit, { max: 1_000_000_000, timeWindow: 60_000 })
+      let redis
+      if (name === 'rate-limit-redis') {
+        const { default: fastifyRedis } = await import('@fastify/redis')
+        await app.register(fastifyRedis, { url: redisUrl })
+        redis = app.redis
+      }
+      // A limit no run reaches: every request pays the lookup (memory) or the script call (Redis), none is refused.
+      await app.register(rateLimit, { max: 1_000_000_000, timeWindow: 60_000, redis })
       break
     }
     default:
