@@ -6,7 +6,7 @@
  *   npm run bench -- --duration 2 --rounds 1       a quick look
  *   npm run bench -- --only idempotency-memory --scenarios fresh,hot
  *   npm run bench -- --memory                      1 000 000 unique keys into the memory store, RSS every 100k
- *   npm run bench -- --profile --only idempotency-memory --rounds 1   CPU profiles of the servers
+ *   npm run bench -- --profile --only idempotency-memory --rounds 1   CPU profiles of the servers (node --cpu-prof)
  *
  * Every measurement gets a fresh server process (pinned to core 1), loaded
  * by autocannon in another process (pinned to core 0, with Redis): seed keys
@@ -20,13 +20,12 @@
 import { execFileSync, spawnSync } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
 import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
-import { join } from 'node:path'
+import { join, relative } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { pathToFileURL } from 'node:url'
 import { parseArgs } from 'node:util'
 import { redisAvailable, startRedis } from '../support/redis.js'
 import { startLoad, startServer, tasksetWorks, type LoadProcess } from './processes.js'
-import { summarizeProfiles } from './profile.js'
 import { aboveFloors, aggregate, floorTable, machine, median, table, type Machine, type Measurement } from './report.js'
 import { CONFIGURATIONS, ROOT, SCENARIOS, configuration, floorsOf, scenario as scenarioOf, type ScenarioName, type ServerStats } from './shared.js'
 
@@ -61,7 +60,7 @@ if (args.help) {
   --only a,b         configurations (${CONFIGURATIONS.map((c) => c.name).join(', ')})
   --scenarios a,b    scenarios (${SCENARIOS.map((s) => s.name).join(', ')})
   --memory           the memory run: --keys unique keys (1000000) into the memory store, RSS every 100k
-  --profile          profile each server over its measured seconds, to bench/results/profiles/, and summarize
+  --profile          run each server with node --cpu-prof (the whole process), profiles to bench/results/profiles/
   --source           run the plugin's TypeScript source through tsx instead of compiling it with tsc first
   --verify           servers record every key (checks the harness; slower)
   --max-noise C      measure again (fresh server) when other processes used more than C cores meanwhile (0.1)
@@ -193,20 +192,20 @@ interface Checked {
 
 let cell = 0
 let plugin: string | undefined
-/** The CPU profiles this run wrote (--profile), for the summary. */
+/** The CPU profiles this run wrote (--profile). */
 const profiles = new Set<string>()
 
 /** One measurement: a fresh server, seeded, warmed up, measured. */
 async function measure (load: LoadProcess, name: string, scenario: ScenarioName, round: number, redis: Redis | undefined, checks: Checked[]): Promise<Measurement> {
-  const server = await startServer(name, { core: SERVER_CORE, redisUrl: configuration(name).redis ? redis?.url : undefined, verify: args.verify, plugin })
+  // A measurement taken again (another process was busy) writes over its profile: the file is the last attempt's.
+  const cpuProfile = args.profile ? join(PROFILES, `${name}.${scenario}.r${round}.cpuprofile`) : undefined
+  const server = await startServer(name, { core: SERVER_CORE, redisUrl: configuration(name).redis ? redis?.url : undefined, verify: args.verify, plugin, cpuProfile })
   try {
     const prefix = `${runId}-${(++cell).toString(36).padStart(4, '0')}-`
     const base = { url: server.url, scenario, connections, prefix }
     const { seedKeys } = scenarioOf(scenario)
     if (seedKeys > 0) await load.run({ ...base, duration: 1, amount: seedKeys, seed: true })
     if (warmup > 0) await load.run({ ...base, duration: warmup })
-    // Started before the first stats, so that starting the profiler is not in the measured CPU.
-    if (args.profile) await server.profileStart()
     const before = await server.stats()
     const busyBefore = machineBusyMicros()
     const ownBefore = process.cpuUsage()
@@ -215,12 +214,6 @@ async function measure (load: LoadProcess, name: string, scenario: ScenarioName,
     const busyAfter = machineBusyMicros()
     const own = process.cpuUsage(ownBefore)
     const after = await server.stats()
-    if (args.profile) {
-      const file = join(PROFILES, `${name}.${scenario}.r${round}.cpuprofile`)
-      mkdirSync(PROFILES, { recursive: true })
-      await server.profileStop(file)
-      profiles.add(file)
-    }
     const redisCpu = (await redis?.cpu() ?? 0) - redisBefore
     // What other processes used meanwhile (another test run, a package install…), in cores.
     const noise = busyBefore === undefined || busyAfter === undefined
@@ -248,6 +241,7 @@ async function measure (load: LoadProcess, name: string, scenario: ScenarioName,
     }
   } finally {
     await server.stop()
+    if (cpuProfile !== undefined && existsSync(cpuProfile)) profiles.add(cpuProfile)
     await redis?.flush()
   }
 }
@@ -345,9 +339,15 @@ async function benchmark (): Promise<void> {
     writeFileSync(join(RESULTS, 'latest.md'), markdown({ host, text, floors, notes, minutes }))
     console.log(`written: bench/results/latest.md (${minutes} min)`)
   }
-  if (args.profile) {
-    console.log(summarizeProfiles([...profiles]))
-  }
+  if (args.profile) console.log(profileNote())
+}
+
+function profileNote (): string {
+  if (profiles.size === 0) return 'No CPU profile was written (a server that had to be killed writes none).'
+  return `CPU profiles, ${profiles.size}, in ${relative(process.cwd(), PROFILES) || '.'}/:
+${[...profiles].sort().map((file) => '  ' + relative(PROFILES, file)).join('\n')}
+Each covers its whole server process (node --cpu-prof): start-up, seeding, warm-up, the measured ${duration} s of load and shutdown; the measured seconds are the last stretch of load, right after the warm-up.
+Open one in Chrome DevTools (Performance, "Load profile…") or at https://www.speedscope.app. The figures of a profiled run include the profiler's cost: it does not write bench/results/latest.md.`
 }
 
 function markdown (r: { host: Machine, text: string, floors: string | undefined, notes: string[], minutes: string }): string {

@@ -16,13 +16,8 @@
  * BENCH_PLUGIN is the plugin's entry point: run.ts compiles the plugin with
  * tsc and points here, so that the server runs what users run (tsx would add
  * its own helpers to every closure). Without it, the TypeScript source.
- *
- * 'profile-start' and 'profile-stop' record a CPU profile of the measured
- * window only (the inspector's Profiler, in process).
  */
-import { writeFileSync } from 'node:fs'
 import { createServer, type Server } from 'node:http'
-import { Session } from 'node:inspector/promises'
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
 import type { MemoryStore } from '../index.js'
 import { KEY_HEADER, ROUTE, configuration, orderFor, type FromServer, type OrderInput, type ServerStats, type ToServer } from './shared.js'
@@ -161,24 +156,6 @@ function stats (): ServerStats {
   }
 }
 
-let profiler: Session | undefined
-
-async function profileStart (): Promise<void> {
-  profiler = new Session()
-  profiler.connect()
-  await profiler.post('Profiler.enable')
-  await profiler.post('Profiler.setSamplingInterval', { interval: 250 })
-  await profiler.post('Profiler.start')
-}
-
-async function profileStop (file: string): Promise<void> {
-  if (profiler === undefined) return
-  const { profile } = await profiler.post('Profiler.stop')
-  writeFileSync(file, JSON.stringify(profile))
-  profiler.disconnect()
-  profiler = undefined
-}
-
 async function main (): Promise<void> {
   const { framework, redis } = configuration(name)
   if (redis && redisUrl === undefined) throw new Error(`${name} needs BENCH_REDIS_URL`)
@@ -206,12 +183,8 @@ async function main (): Promise<void> {
     else if (message.type === 'gc') {
       (globalThis as { gc?: () => void }).gc?.()
       send({ type: 'stats', id: message.id, stats: stats() })
-    } else if (message.type === 'profile-start' || message.type === 'profile-stop') {
-      const id = message.id
-      ;(message.type === 'profile-start' ? profileStart() : profileStop(message.file)).then(
-        () => send({ type: 'done', id }),
-        (err: Error) => send({ type: 'error', message: err.stack ?? String(err) }))
     } else if (message.type === 'stop') {
+      // A normal exit: with --cpu-prof (run.ts --profile), Node writes the profile now.
       close().then(async () => {
         for (const closer of closers) await closer()
       }).finally(() => process.exit(0))

@@ -124,13 +124,10 @@ export interface ServerStats {
 export type ToServer =
   | { type: 'stats', id: number }
   | { type: 'gc', id: number }
-  | { type: 'profile-start', id: number }
-  | { type: 'profile-stop', id: number, file: string }
   | { type: 'stop' }
 export type FromServer =
   | { type: 'listening', port: number }
   | { type: 'stats', id: number, stats: ServerStats }
-  | { type: 'done', id: number }
   | { type: 'error', message: string }
 
 export interface LoadRequest {
