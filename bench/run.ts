@@ -390,7 +390,7 @@ async function memoryRun (): Promise<void> {
       const server = await startServer(name, { core: SERVER_CORE, nodeArgs: ['--expose-gc'], plugin })
       const lines: string[] = []
       const line = (label: string, s: ServerStats) => {
-        const text = `| ${label} | ${(s.rss / 2 ** 20).toFixed(1)} | ${(s.heapUsed / 2 ** 20).toFixed(1)} | ${s.storeSize ?? '–'} | ${s.handlerRuns} |`
+        const text = `| ${label} | ${(s.rss / 2 ** 20).toFixed(1)} | ${(s.heapUsed / 2 ** 20).toFixed(1)} | ${s.storeRecords ?? '–'} | ${s.handlerRuns} |`
         lines.push(text)
         console.log(text)
       }
@@ -424,7 +424,7 @@ async function memoryRun (): Promise<void> {
   }
   if (!args['no-write']) {
     mkdirSync(RESULTS, { recursive: true })
-    writeFileSync(join(RESULTS, 'memory.md'), `# Memory run\n\nWritten by \`${commandLine()}\` on ${new Date().toISOString().slice(0, 10)}.\n\nMachine: ${describe(host)}.\n\nEach configuration gets a fresh server (default store bound: 10 000 records for this plugin's memory store) and ${keys.toLocaleString('en-US')} requests, each with a new key. RSS and heap are sampled by the server itself every ${step.toLocaleString('en-US')} responses. This plugin's memory store keeps two generations of \`maxRecords / 2\` records: it holds between 5 000 and 10 000 records, and a sample taken at a multiple of 100 000 keys falls just after a generation turned over (every 5 000 new keys), so it reads about 5 000.\n\n${report.join('\n')}`)
+    writeFileSync(join(RESULTS, 'memory.md'), `# Memory run\n\nWritten by \`${commandLine()}\` on ${new Date().toISOString().slice(0, 10)}.\n\nMachine: ${describe(host)}.\n\nEach configuration gets a fresh server and ${keys.toLocaleString('en-US')} requests, each with a new key. RSS and heap are sampled by the server itself every ${step.toLocaleString('en-US')} responses. This plugin's memory store has its defaults, \`new MemoryStore({ maxRecords: 10000, maxBytes: 64 MiB, maxClaims: 10000 })\`: one LRU of completed records bounded by \`maxRecords\` and \`maxBytes\`, and the claims in flight bounded apart by \`maxClaims\` (never evicted). Under a flood of new keys it fills up to 10 000 records, then evicts the least recently used record for each new one. "records in store" is \`store.usage().records\`: completed records only, not the claims in flight; for \`@node-idempotency/core\`, the entries of its memory adapter.\n\n${report.join('\n')}`)
     console.log('written: bench/results/memory.md')
   }
 }

@@ -34,7 +34,8 @@ let handlerRuns = 0
 let keyedRequests = 0
 const requestKeys = new Set<string>()
 const handlerKeys = new Set<string>()
-let storeSize: (() => number) | undefined
+/** Completed records in the store, for the memory run. */
+let storeRecords: (() => number) | undefined
 const closers: Array<() => unknown> = []
 
 /** The route's logic: one handler run, one order. */
@@ -68,7 +69,8 @@ async function fastifyApp (): Promise<FastifyInstance> {
     case 'idempotency-memory': {
       const { default: fastifyIdempotency } = await loadPlugin()
       await app.register(fastifyIdempotency)
-      storeSize = () => (app.idempotency.store as MemoryStore).size
+      const store = app.idempotency.store as MemoryStore
+      storeRecords = () => store.usage().records
       break
     }
     case 'idempotency-redis':
@@ -83,7 +85,7 @@ async function fastifyApp (): Promise<FastifyInstance> {
     case 'node-idem-memory':
     case 'node-idem-redis': {
       const { nodeIdempotencyHooks } = await import('./peers/node-idempotency.js')
-      await nodeIdempotencyHooks(app, name === 'node-idem-redis' ? redisUrl : undefined, closers, (size) => { storeSize = size })
+      await nodeIdempotencyHooks(app, name === 'node-idem-redis' ? redisUrl : undefined, closers, (size) => { storeRecords = size })
       break
     }
     case 'powertools-redis': {
@@ -152,7 +154,7 @@ function stats (): ServerStats {
     rss: memory.rss,
     heapUsed: memory.heapUsed,
     ...(verify ? { keyedRequests, distinctRequestKeys: requestKeys.size, distinctHandlerKeys: handlerKeys.size } : {}),
-    ...(storeSize === undefined ? {} : { storeSize: storeSize() })
+    ...(storeRecords === undefined ? {} : { storeRecords: storeRecords() })
   }
 }
 

@@ -117,8 +117,8 @@ export interface ServerStats {
   distinctRequestKeys?: number
   /** With verify on: distinct keys the handler ran for (handlerRuns - this = runs for a key already run). */
   distinctHandlerKeys?: number
-  /** Records in the store, when the configuration can tell. */
-  storeSize?: number
+  /** Completed records in the store, when the configuration can tell. */
+  storeRecords?: number
 }
 
 export type ToServer =
