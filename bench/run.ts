@@ -6,27 +6,28 @@
  *   npm run bench -- --duration 2 --rounds 1       a quick look
  *   npm run bench -- --only idempotency-memory --scenarios fresh,hot
  *   npm run bench -- --memory                      1 000 000 unique keys into the memory store, RSS every 100k
- *   npm run bench -- --profile --only idempotency-memory --rounds 1   CPU profiles of the servers
+ *   npm run bench -- --profile --only idempotency-memory --rounds 1   CPU profiles of the servers (node --cpu-prof)
  *
  * Every measurement gets a fresh server process (pinned to core 1), loaded
  * by autocannon in another process (pinned to core 0, with Redis): seed keys
  * (replay scenarios), warm up, read the server's CPU, measure, read it
  * again. Rounds run configurations in turn (A B C … A B C …); the table shows
  * medians, and ratios are medians of per-round ratios to the bare framework
- * of the same round. bench/results/latest.md says how each peer is wired.
+ * of the same round; this plugin's CPU above its floors, medians of per-round
+ * differences. bench/README.md says what each configuration is, how the
+ * peers are wired and which targets the figures are read against.
  */
 import { execFileSync, spawnSync } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
 import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
-import { join } from 'node:path'
+import { join, relative } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { pathToFileURL } from 'node:url'
 import { parseArgs } from 'node:util'
 import { redisAvailable, startRedis } from '../support/redis.js'
 import { startLoad, startServer, tasksetWorks, type LoadProcess } from './processes.js'
-import { summarizeProfiles } from './profile.js'
-import { aggregate, machine, median, table, targets, type Machine, type Measurement } from './report.js'
-import { CONFIGURATIONS, ROOT, SCENARIOS, configuration, scenario as scenarioOf, type ScenarioName, type ServerStats } from './shared.js'
+import { aboveFloors, aggregate, floorTable, machine, median, table, type Machine, type Measurement } from './report.js'
+import { CONFIGURATIONS, ROOT, SCENARIOS, configuration, floorsOf, scenario as scenarioOf, type ScenarioName, type ServerStats } from './shared.js'
 
 const { values: args } = parseArgs({
   options: {
@@ -59,7 +60,7 @@ if (args.help) {
   --only a,b         configurations (${CONFIGURATIONS.map((c) => c.name).join(', ')})
   --scenarios a,b    scenarios (${SCENARIOS.map((s) => s.name).join(', ')})
   --memory           the memory run: --keys unique keys (1000000) into the memory store, RSS every 100k
-  --profile          profile each server over its measured seconds, to bench/results/profiles/, and summarize
+  --profile          run each server with node --cpu-prof (the whole process), profiles to bench/results/profiles/
   --source           run the plugin's TypeScript source through tsx instead of compiling it with tsc first
   --verify           servers record every key (checks the harness; slower)
   --max-noise C      measure again (fresh server) when other processes used more than C cores meanwhile (0.1)
@@ -161,10 +162,13 @@ async function redisServer (): Promise<Redis | undefined> {
   }
 }
 
-/** --only, with the bare framework of each (ratios need it in the same run), in CONFIGURATIONS order. */
+/** --only, with the bare framework and the floors of each (ratios and differences need them in the same run), in CONFIGURATIONS order. */
 function selectedConfigurations (): string[] {
   const wanted = list(args.only) ?? CONFIGURATIONS.map((c) => c.name)
-  const withBaselines = new Set(wanted.flatMap((name) => [configuration(name).baseline, name])) // throws on an unknown name
+  const withBaselines = new Set(wanted.flatMap((name) => {
+    const c = configuration(name) // throws on an unknown name
+    return [c.baseline, ...floorsOf(c), name]
+  }))
   return CONFIGURATIONS.map((c) => c.name).filter((name) => withBaselines.has(name))
 }
 
@@ -188,20 +192,20 @@ interface Checked {
 
 let cell = 0
 let plugin: string | undefined
-/** The CPU profiles this run wrote (--profile), for the summary. */
+/** The CPU profiles this run wrote (--profile). */
 const profiles = new Set<string>()
 
 /** One measurement: a fresh server, seeded, warmed up, measured. */
 async function measure (load: LoadProcess, name: string, scenario: ScenarioName, round: number, redis: Redis | undefined, checks: Checked[]): Promise<Measurement> {
-  const server = await startServer(name, { core: SERVER_CORE, redisUrl: configuration(name).redis ? redis?.url : undefined, verify: args.verify, plugin })
+  // A measurement taken again (another process was busy) writes over its profile: the file is the last attempt's.
+  const cpuProfile = args.profile ? join(PROFILES, `${name}.${scenario}.r${round}.cpuprofile`) : undefined
+  const server = await startServer(name, { core: SERVER_CORE, redisUrl: configuration(name).redis ? redis?.url : undefined, verify: args.verify, plugin, cpuProfile })
   try {
     const prefix = `${runId}-${(++cell).toString(36).padStart(4, '0')}-`
     const base = { url: server.url, scenario, connections, prefix }
     const { seedKeys } = scenarioOf(scenario)
     if (seedKeys > 0) await load.run({ ...base, duration: 1, amount: seedKeys, seed: true })
     if (warmup > 0) await load.run({ ...base, duration: warmup })
-    // Started before the first stats, so that starting the profiler is not in the measured CPU.
-    if (args.profile) await server.profileStart()
     const before = await server.stats()
     const busyBefore = machineBusyMicros()
     const ownBefore = process.cpuUsage()
@@ -210,12 +214,6 @@ async function measure (load: LoadProcess, name: string, scenario: ScenarioName,
     const busyAfter = machineBusyMicros()
     const own = process.cpuUsage(ownBefore)
     const after = await server.stats()
-    if (args.profile) {
-      const file = join(PROFILES, `${name}.${scenario}.r${round}.cpuprofile`)
-      mkdirSync(PROFILES, { recursive: true })
-      await server.profileStop(file)
-      profiles.add(file)
-    }
     const redisCpu = (await redis?.cpu() ?? 0) - redisBefore
     // What other processes used meanwhile (another test run, a package install…), in cores.
     const noise = busyBefore === undefined || busyAfter === undefined
@@ -243,6 +241,7 @@ async function measure (load: LoadProcess, name: string, scenario: ScenarioName,
     }
   } finally {
     await server.stop()
+    if (cpuProfile !== undefined && existsSync(cpuProfile)) profiles.add(cpuProfile)
     await redis?.flush()
   }
 }
@@ -325,59 +324,54 @@ async function benchmark (): Promise<void> {
   }
 
   const rows = aggregate(measurements)
+  const floorRows = aboveFloors(measurements)
   const text = table(rows)
-  const goals = targets(rows)
+  const floors = floorRows.length > 0 ? floorTable(floorRows) : undefined
   console.log('\n' + text + '\n')
-  if (goals.length > 0) console.log('Targets (issue 5):\n' + goals.join('\n') + '\n')
+  if (floors !== undefined) console.log('CPU above the floor (µs/req, medians of per-round differences):\n' + floors + '\n')
+  console.log('What the configurations are, what the columns mean and the targets: bench/README.md\n')
 
   const minutes = ((Date.now() - started) / 60_000).toFixed(1)
   if (args.json !== undefined) {
-    writeFileSync(args.json, JSON.stringify({ machine: host, command: commandLine(), rows, measurements, checks, skipped }, null, 2))
+    writeFileSync(args.json, JSON.stringify({ machine: host, command: commandLine(), rows, floorRows, measurements, checks, skipped }, null, 2))
   }
   if (!args['no-write'] && !args.profile) {
-    writeFileSync(join(RESULTS, 'latest.md'), markdown({ host, names, scenarios, text, goals, notes, minutes }))
+    writeFileSync(join(RESULTS, 'latest.md'), markdown({ host, text, floors, notes, minutes }))
     console.log(`written: bench/results/latest.md (${minutes} min)`)
   }
-  if (args.profile) {
-    console.log(summarizeProfiles([...profiles]))
-  }
+  if (args.profile) console.log(profileNote())
 }
 
-function markdown (r: { host: Machine, names: string[], scenarios: ScenarioName[], text: string, goals: string[], notes: string[], minutes: string }): string {
-  const configs = r.names.map((name) => `- \`${name}\`: ${configuration(name).what}`).join('\n')
-  const scenarios = r.scenarios.map((name) => `- \`${name}\`: ${scenarioOf(name).what}`).join('\n')
+function profileNote (): string {
+  if (profiles.size === 0) return 'No CPU profile was written (a server that had to be killed writes none).'
+  return `CPU profiles, ${profiles.size}, in ${relative(process.cwd(), PROFILES) || '.'}/:
+${[...profiles].sort().map((file) => '  ' + relative(PROFILES, file)).join('\n')}
+Each covers its whole server process (node --cpu-prof): start-up, seeding, warm-up, the measured ${duration} s of load and shutdown; the measured seconds are the last stretch of load, right after the warm-up.
+Open one in Chrome DevTools (Performance, "Load profile…") or at https://www.speedscope.app. The figures of a profiled run include the profiler's cost: it does not write bench/results/latest.md.`
+}
+
+function markdown (r: { host: Machine, text: string, floors: string | undefined, notes: string[], minutes: string }): string {
   return `# Benchmark results
 
 Written by \`${commandLine()}\` on ${new Date().toISOString().slice(0, 10)} (${r.minutes} min).
 
 Machine: ${describe(r.host)}.
-Settings: ${rounds} interleaved round(s), ${duration} s measured per configuration and scenario after ${warmup} s of warm-up, ${connections} connections, pipelining 1, a fresh server process per measurement${tasksetWorks ? '; server pinned to core 1, load generator (and Redis) to core 0 with taskset' : '; no taskset: processes not pinned'}.
+Settings: ${rounds} interleaved round(s), ${duration} s measured per configuration and scenario after ${warmup} s of warm-up, ${connections} connections, pipelining 1, a fresh server process per measurement${tasksetWorks ? '; server pinned to core 1, load generator (and Redis) to core 0 with taskset' : '; no taskset: processes not pinned'}; measurements during which other processes used more than ${maxNoise} cores repeated, up to ${attempts} attempts, keeping the quietest.
 ${r.notes.length > 0 ? '\n' + r.notes.map((n) => `**${n}**`).join('\n\n') + '\n' : ''}
-Every configuration serves the same \`POST /orders\`: the same small JSON body in, about 200 bytes of JSON out, 201. Every request carries an \`Idempotency-Key\` header (configurations without idempotency ignore it).
-
-Configurations:
-${configs}
-
-Scenarios:
-${scenarios}
+What each configuration and scenario is, how the peers are wired, what the columns mean, and the targets these figures are read against: [bench/README.md](../README.md).
 
 ## Table
 
-Medians over the rounds. Ratios (× bare) are medians of per-round ratios to the bare framework of the same round and scenario: Fastify for the Fastify configurations, Express for \`express-idempotency\`. CPU µs/req is the server process's own \`process.cpuUsage()\` (user + system) over the measured seconds, divided by the requests the server received in them (counting those still in flight when the load stops, which the load generator does not). Latency from the load generator, at 10 µs resolution. "handler runs/req" is how often the route's handler ran per request received (1: every request ran it; 0: all were replays). "other CPU" is what processes outside the benchmark used meanwhile, in cores (median over the rounds): a measurement during which they used more than ${maxNoise} cores was repeated on a fresh server, up to ${attempts} attempts, keeping the quietest.
-
 ${r.text}
+${r.floors === undefined
+    ? ''
+    : `
+## CPU above the floor
 
-## Targets (issue 5)
+µs of server CPU per request above the floor each scenario is bound by, and above both Redis floors; medians of per-round differences.
 
-${r.goals.length > 0 ? r.goals.join('\n') : 'No configuration of this plugin was measured.'}
-
-## How the peers are wired
-
-- \`@node-idempotency/core\` 1.x: its documented flow (\`onRequest\` before the business logic, \`onResponse\` when it first completes) in a Fastify \`preHandler\` and \`onSend\` hook, the shape of the project's own (unpublished) Fastify wrapper, with the memory adapter or the Redis adapter (its own \`redis\` 4 client). \`onResponse\` runs only after a handler run, not for replays (the wrapper calls it for every reply, which costs more). Its memory adapter never evicts: it grows with every key.
-- \`@aws-lambda-powertools/idempotency\` 2.x: \`makeIdempotent\` around a Lambda-style handler, \`CachePersistenceLayer\` on a connected \`@redis/client\` as its docs show, \`eventKeyJmesPath: 'headers."idempotency-key"'\`, a fake context whose \`getRemainingTimeInMillis()\` answers 30 s; the route builds an API Gateway-like event from the request. Without payload validation, so it does less than this plugin (which fingerprints every request): with \`payloadValidationJmesPath: 'body'\`, every replay is a 422 in 2.35.0, because \`CachePersistenceLayer\` saves the completed record without the payload hash.
-- \`express-idempotency\` 1.x: its middleware on the route and \`isHit(req)\` in the handler, as its README says, with its default in-memory adapter (an array searched linearly: its cost grows with the keys stored during the measurement).
-- \`@fastify/rate-limit\`: registered globally with a limit no run reaches; every request costs one lookup in its in-memory store (one client IP, so one key).
-`
+${r.floors}
+`}`
 }
 
 /** The memory run: unique keys into the memory store, RSS before, every 100k, after. */
@@ -396,7 +390,7 @@ async function memoryRun (): Promise<void> {
       const server = await startServer(name, { core: SERVER_CORE, nodeArgs: ['--expose-gc'], plugin })
       const lines: string[] = []
       const line = (label: string, s: ServerStats) => {
-        const text = `| ${label} | ${(s.rss / 2 ** 20).toFixed(1)} | ${(s.heapUsed / 2 ** 20).toFixed(1)} | ${s.storeSize ?? '–'} | ${s.handlerRuns} |`
+        const text = `| ${label} | ${(s.rss / 2 ** 20).toFixed(1)} | ${(s.heapUsed / 2 ** 20).toFixed(1)} | ${s.storeRecords ?? '–'} | ${s.handlerRuns} |`
         lines.push(text)
         console.log(text)
       }
@@ -430,7 +424,7 @@ async function memoryRun (): Promise<void> {
   }
   if (!args['no-write']) {
     mkdirSync(RESULTS, { recursive: true })
-    writeFileSync(join(RESULTS, 'memory.md'), `# Memory run\n\nWritten by \`${commandLine()}\` on ${new Date().toISOString().slice(0, 10)}.\n\nMachine: ${describe(host)}.\n\nEach configuration gets a fresh server (default store bound: 10 000 records for this plugin's memory store) and ${keys.toLocaleString('en-US')} requests, each with a new key. RSS and heap are sampled by the server itself every ${step.toLocaleString('en-US')} responses. This plugin's memory store keeps two generations of \`maxRecords / 2\` records: it holds between 5 000 and 10 000 records, and a sample taken at a multiple of 100 000 keys falls just after a generation turned over (every 5 000 new keys), so it reads about 5 000.\n\n${report.join('\n')}`)
+    writeFileSync(join(RESULTS, 'memory.md'), `# Memory run\n\nWritten by \`${commandLine()}\` on ${new Date().toISOString().slice(0, 10)}.\n\nMachine: ${describe(host)}.\n\nEach configuration gets a fresh server and ${keys.toLocaleString('en-US')} requests, each with a new key. RSS and heap are sampled by the server itself every ${step.toLocaleString('en-US')} responses. This plugin's memory store has its defaults, \`new MemoryStore({ maxRecords: 10000, maxBytes: 64 MiB, maxClaims: 10000 })\`: one LRU of completed records bounded by \`maxRecords\` and \`maxBytes\`, and the claims in flight bounded apart by \`maxClaims\` (never evicted). Under a flood of new keys it fills up to 10 000 records, then evicts the least recently used record for each new one. "records in store" is \`store.usage().records\`: completed records only, not the claims in flight; for \`@node-idempotency/core\`, the entries of its memory adapter.\n\n${report.join('\n')}`)
     console.log('written: bench/results/memory.md')
   }
 }

@@ -15,6 +15,7 @@ import { pathToFileURL } from 'node:url'
 import { Bench } from 'tinybench'
 import type { MemoryStore as Store, MemoryStoreOptions } from '../../lib/stores/memory.js'
 import type { StoredResponse } from '../../types/index.js'
+import { batch, print } from './helpers/measure.js'
 
 const modulePath = process.argv[2]
 const { MemoryStore } = (modulePath === undefined
@@ -63,14 +64,6 @@ function saveAll (store: Store, keys: string[], tokens: string[]): void {
   }
 }
 
-/** Times `run` over one batch and gives tinybench the mean per call. */
-function timed (run: () => void) {
-  const start = performance.now()
-  run()
-  const duration = performance.now() - start
-  return { overriddenDuration: duration / BATCH, overriddenIterationCost: duration }
-}
-
 const bench = new Bench({ name: `MemoryStore (${modulePath ?? 'lib/stores/memory.ts'})`, time: 1000, iterations: 20, warmupIterations: 4, warmupTime: 100 })
 
 {
@@ -78,7 +71,7 @@ const bench = new Bench({ name: `MemoryStore (${modulePath ?? 'lib/stores/memory
   bench.add(`claim of a new key (${RECORDS} records held)`, () => {
     const keys = nextKeys()
     let tokens: string[] = []
-    const result = timed(() => { tokens = claimAll(store, keys) })
+    const result = batch(BATCH, () => { tokens = claimAll(store, keys) })
     saveAll(store, keys, tokens)
     return result
   })
@@ -86,13 +79,13 @@ const bench = new Bench({ name: `MemoryStore (${modulePath ?? 'lib/stores/memory
 
 {
   const { store, keys } = fullStore()
-  // The newest records: a store that keeps between half and all of its bound still holds them.
+  // The newest records: any store that keeps at least half its bound holds them, so another store module (argument) compares.
   const recent = keys.slice(-REPLAYED)
   let next = 0
   bench.add(`replay hit (${REPLAYED} keys replayed in turn, ${RECORDS} records held)`, () => {
-    const batch = Array.from({ length: BATCH }, () => recent[next++ % recent.length])
-    return timed(() => {
-      for (const key of batch) {
+    const replayed = Array.from({ length: BATCH }, () => recent[next++ % recent.length])
+    return batch(BATCH, () => {
+      for (const key of replayed) {
         if (store.claim(key, 'fp', LONG).record?.state !== 'completed') throw new Error(`${key} was not replayed`)
       }
     })
@@ -104,7 +97,7 @@ const bench = new Bench({ name: `MemoryStore (${modulePath ?? 'lib/stores/memory
   bench.add(`complete, evicting the oldest (${RECORDS} records held)`, () => {
     const keys = nextKeys()
     const tokens = claimAll(store, keys)
-    return timed(() => saveAll(store, keys, tokens))
+    return batch(BATCH, () => saveAll(store, keys, tokens))
   })
 }
 
@@ -115,7 +108,7 @@ const bench = new Bench({ name: `MemoryStore (${modulePath ?? 'lib/stores/memory
   bench.add(`claim of a new key (${LIVE_CLAIMS} claims in flight)`, () => {
     const keys = nextKeys()
     let tokens: string[] = []
-    const result = timed(() => { tokens = claimAll(store, keys) })
+    const result = batch(BATCH, () => { tokens = claimAll(store, keys) })
     for (let i = 0; i < keys.length; i++) store.release(keys[i], tokens[i])
     return result
   })
@@ -123,5 +116,4 @@ const bench = new Bench({ name: `MemoryStore (${modulePath ?? 'lib/stores/memory
 
 await bench.run()
 for (const store of stores) store.close()
-console.log(`${bench.name}, Node.js ${process.version}, ${BATCH} calls per sample`)
-console.table(bench.table())
+print(bench, `${BATCH} calls per sample`)
