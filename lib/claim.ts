@@ -104,7 +104,7 @@ async function claimOrAnswer (state: RequestState, fingerprint: string | undefin
       // A synchronous store (memory) answers without a trip through the microtask queue.
       result = isThenable(claimed) ? await claimed : claimed
     } catch (err) {
-      if ((err as { code?: string }).code === STORE_FULL) return refuseFull(state, err as RequestError)
+      if (REFUSALS.has((err as { code?: string }).code as string)) return answerRefusal(state, err as RequestError)
       route.counters.storeErrors++
       const record = await lookupAfterFailure(state)
       if (record === undefined) return refuse(state, err, seenInFlight)
@@ -189,16 +189,18 @@ function refuse (state: RequestState, err: unknown, seenInFlight: boolean): Fast
   return reject(state, new StoreUnavailableError())
 }
 
-/**
- * The store holds as many claims as it may: refused with Retry-After whatever
- * `onStoreError` says, so that a flood of claims never turns idempotency off.
- */
-function refuseFull (state: RequestState, err: RequestError): FastifyReply {
+/** A refusal of the store (see REFUSALS): 503 with Retry-After, whatever `onStoreError` says. */
+function answerRefusal (state: RequestState, err: RequestError): FastifyReply {
   const { route, request, reply } = state
   route.counters.storeErrors++
-  request.log.warn({ idempotencyKey: route.plugin.logKey(state.storeKey) }, 'idempotency: the store holds too many requests in flight; refused (503)')
+  if (err.code === 'FST_IDEMPOTENCY_STORE_FULL') {
+    request.log.warn({ idempotencyKey: route.plugin.logKey(state.storeKey) }, 'idempotency: the store holds too many requests in flight; refused (503)')
+    reply.header('retry-after', '1')
+    return reject(state, err)
+  }
+  request.log.error({ err, idempotencyKey: route.plugin.logKey(state.storeKey) }, 'idempotency: the store may evict records (redis.requireNoEviction); refused (503)')
   reply.header('retry-after', '1')
-  return reject(state, err)
+  return reject(state, new StoreUnavailableError())
 }
 
 function answerInFlight (state: RequestState): FastifyReply {
@@ -218,7 +220,13 @@ function reject (state: RequestState, error: RequestError): FastifyReply {
   throw error
 }
 
-const STORE_FULL = 'FST_IDEMPOTENCY_STORE_FULL'
+/**
+ * Store failures that are refusals, not outages: the store holds all the
+ * claims it may, or may evict records (`redis.requireNoEviction`). Running
+ * the handler without idempotency then (fail-open) would be what the bound
+ * exists to prevent, so they are always answered 503.
+ */
+const REFUSALS = new Set(['FST_IDEMPOTENCY_STORE_FULL', 'FST_IDEMPOTENCY_REDIS_EVICTION'])
 
 /** A scope function's answer that names no principal. */
 interface InvalidScope { value: unknown }

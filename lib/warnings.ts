@@ -2,7 +2,8 @@
  * Start-up warnings: configurations that run but may not protect what the
  * application means to protect. They go through `process.emitWarning` (with
  * `process-warning`, as Fastify's own warnings do), so they are printed even
- * when the application has no logger. Each is emitted once per process.
+ * when the application has no logger. Each is emitted once per process,
+ * but an evicting Redis, which is checked again after every reconnect.
  */
 import processWarning from 'process-warning'
 
@@ -36,10 +37,12 @@ export const warnings = {
     code: 'FSTIDEM005',
     message: '`%s` is %d ms: durations given as numbers are milliseconds. If you meant seconds, write \'%s\'; a string duration in ms (\'500ms\') keeps the value and silences this warning.'
   }),
+  // Checked again after every reconnect (a failover may land on another Redis): each finding is printed.
   redisEviction: createWarning({
     name,
     code: 'FSTIDEM006',
-    message: '%s'
+    message: '%s',
+    unlimited: true
   }),
   redisQueue: createWarning({
     name,

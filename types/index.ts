@@ -25,6 +25,19 @@ export interface SqlClient {
   query (text: string, values?: unknown[]): Promise<{ rows: any[], rowCount: number | null }>
 }
 
+/**
+ * What the Redis store takes: an ioredis `Redis` or `Cluster` (ioredis 5 or
+ * 6; `@fastify/redis` decorates one). Described by what tells them apart, so
+ * that these declarations need no ioredis types.
+ */
+export interface RedisClient {
+  readonly isCluster: boolean
+  readonly status: string
+  defineCommand (name: string, definition: { lua: string, numberOfKeys?: number, readOnly?: boolean }): void
+  duplicate (...args: any[]): RedisClient
+  on (event: string | symbol, listener: (...args: any[]) => void): unknown
+}
+
 /** A response as saved by the first request and sent again on replays. */
 export interface StoredResponse {
   statusCode: number

@@ -8,13 +8,11 @@ import type { FastifyInstance } from 'fastify'
 import { InvalidOptionError } from '../errors.js'
 import type { Inherited, PluginSettings } from '../options.js'
 import { warnings } from '../warnings.js'
-import type { IdempotencyStore, SqlClient } from '../../types/index.js'
+import type { IdempotencyStore, RedisClient, SqlClient } from '../../types/index.js'
 import { ReplayCache } from './cache.js'
 import { MemoryStore } from './memory.js'
 import { PostgresStore } from './postgres.js'
 import { RedisStore } from './redis.js'
-
-type RedisClient = ConstructorParameters<typeof RedisStore>[0]['client']
 
 type Fail = (path: string, message: string) => Error
 
@@ -47,21 +45,24 @@ export class Stores {
     return view
   }
 
+  /**
+   * The store that options name: a Redis or Postgres database named by
+   * `redisNamespace` or `pgNamespace` (a route may keep its records there
+   * whatever the plugin's store), or else the plugin's `store`.
+   */
   private pick (options: Inherited, fail: Fail): IdempotencyStore {
-    const { store } = this.settings
+    const store = options.redisNamespace !== undefined ? 'redis' : options.pgNamespace !== undefined ? 'postgres' : this.settings.store
     if (typeof store === 'object') return this.watched(store)
     if (store === 'memory') return this.once('memory', () => this.watched(new MemoryStore()))
     if (store === 'redis') {
       return this.once(`redis\0${options.redisNamespace ?? ''}\0${options.namespace}`, () => {
-        const { requireNoEviction, replicas, replicaTimeout } = this.settings.redis
-        const redis = new RedisStore({
-          client: redisClient(this.fastify, options.redisNamespace, fail),
-          prefix: `${options.namespace}:`,
-          timeout: this.settings.storeTimeout,
-          requireNoEviction,
-          replicas,
-          replicaTimeout
-        })
+        const client = redisClient(this.fastify, options.redisNamespace, fail)
+        let redis: RedisStore
+        try {
+          redis = new RedisStore({ client, prefix: `${options.namespace}:`, timeout: this.settings.storeTimeout, ...this.settings.redis })
+        } catch (err) {
+          throw fail('redis', (err as Error).message.replace(/^RedisStore: /, '')) // e.g. replicas on a Cluster
+        }
         redis.onWarning = (_code, message) => warnings.redisEviction(message)
         return redis
       })

@@ -50,11 +50,11 @@ import { createHash, randomBytes } from 'node:crypto'
 import type { Cluster, Redis } from 'ioredis'
 import { NotReplicatedError, RedisEvictionError, StoreTimeoutError } from '../errors.js'
 import { Deadlines } from './deadline.js'
-import type { ClaimResult, CompletedRecord, IdempotencyRecord, IdempotencyStore, RouteCounters, StatsCounts, StoredResponse, StoreUsage } from '../../types/index.js'
+import type { ClaimResult, CompletedRecord, IdempotencyRecord, IdempotencyStore, RedisClient, RouteCounters, StatsCounts, StoredResponse, StoreUsage } from '../../types/index.js'
 
 export interface RedisStoreOptions {
-  /** An ioredis client or Cluster; the application owns it (`close()` leaves it connected). */
-  client: Redis | Cluster
+  /** An ioredis `Redis` or `Cluster`; the application owns it (`close()` leaves it connected). */
+  client: RedisClient
   /** Prepended to every key. Default `'idempotency:'`. */
   prefix?: string
   /** How long any store call waits for Redis before it fails with `FST_IDEMPOTENCY_STORE_TIMEOUT`, in ms. Default 2000. */
@@ -276,7 +276,9 @@ export class RedisStore implements IdempotencyStore {
   onWarning: ((code: string, message: string) => void) | undefined
 
   /** The application's client (`close()` leaves it connected). */
-  readonly client: Redis | Cluster
+  readonly client: RedisClient
+  /** The same client, as ioredis types it. */
+  private readonly redis: Redis | Cluster
   /** The same client, seen with the commands of the scripts. */
   private readonly scripts: ScriptedClient
   private readonly claimCommand: string
@@ -297,7 +299,7 @@ export class RedisStore implements IdempotencyStore {
     this.turn = undefined
     // After the turn's claims and saves, on the same connection: it acknowledges all of them.
     if (turn.replicated !== undefined) {
-      this.deadlines.bound((this.client as Redis).wait(this.replicas, this.replicaTimeout)).then(turn.acknowledged, turn.acknowledged)
+      this.deadlines.bound((this.redis as Redis).wait(this.replicas, this.replicaTimeout)).then(turn.acknowledged, turn.acknowledged)
     }
     turn.corked?.uncork()
   }
@@ -313,10 +315,11 @@ export class RedisStore implements IdempotencyStore {
   }
 
   constructor (options: RedisStoreOptions) {
-    const { client, prefix = 'idempotency:', timeout = 2000, requireNoEviction = false, replicas = 0, replicaTimeout = 100 } = options ?? {}
-    if (typeof client?.defineCommand !== 'function') {
+    const { client: given, prefix = 'idempotency:', timeout = 2000, requireNoEviction = false, replicas = 0, replicaTimeout = 100 } = options ?? {}
+    if (typeof given?.defineCommand !== 'function') {
       throw new TypeError('RedisStore: client must be an ioredis Redis or Cluster client')
     }
+    const client = given as unknown as Redis | Cluster
     if (typeof prefix !== 'string') throw new TypeError('RedisStore: prefix must be a string')
     if (!Number.isInteger(timeout) || timeout < 1) throw new TypeError('RedisStore: timeout must be a positive integer (ms)')
     if (typeof requireNoEviction !== 'boolean') throw new TypeError('RedisStore: requireNoEviction must be a boolean')
@@ -329,7 +332,8 @@ export class RedisStore implements IdempotencyStore {
     for (const [name, lua] of [[COMMANDS.claim, CLAIM], [COMMANDS.complete, COMPLETE], [COMMANDS.release, RELEASE], [COMMANDS.renew, RENEW], [COMMANDS.addStats, ADD_STATS]]) {
       if (!(name in client)) client.defineCommand(name, { numberOfKeys: 1, lua })
     }
-    this.client = client
+    this.client = given
+    this.redis = client
     this.scripts = client as unknown as ScriptedClient
     this.statsKey = `${prefix}stats:{idempotency-stats}`
     this.claimCommand = COMMANDS.claim + 'Buffer' // bulk replies as Buffers: bodies are bytes
@@ -354,7 +358,8 @@ export class RedisStore implements IdempotencyStore {
    * reconnects; while it cannot, this store fails calls at once rather than
    * queueing them (after `timeout` of outage).
    */
-  static queueWarning (client: Redis | Cluster): string | undefined {
+  static queueWarning (given: RedisClient): string | undefined {
+    const client = given as unknown as Redis | Cluster
     const socketTimeout = client.isCluster ? (client as Cluster).options.redisOptions?.socketTimeout : (client as Redis).options.socketTimeout
     if (Number(socketTimeout) > 0) return undefined
     const option = client.isCluster ? 'redisOptions.socketTimeout' : 'socketTimeout'
@@ -380,7 +385,7 @@ export class RedisStore implements IdempotencyStore {
    */
   async verify (): Promise<RedisMemoryPolicy> {
     // From the first check on, every reconnect checks again (only stores that are verified listen).
-    if (!this.client.listeners('ready').includes(this.reconnected)) this.client.on('ready', this.reconnected)
+    if (!this.redis.listeners('ready').includes(this.reconnected)) this.redis.on('ready', this.reconnected)
     this.verifying++
     let found: RedisMemoryPolicy[]
     try {
@@ -479,7 +484,7 @@ export class RedisStore implements IdempotencyStore {
   }
 
   async readStats (): Promise<StatsCounts> {
-    const fields = await this.deadlines.bound(this.client.hgetall(this.statsKey))
+    const fields = await this.deadlines.bound(this.redis.hgetall(this.statsKey))
     const counts: StatsCounts = {}
     for (const field in fields) {
       const at = field.lastIndexOf('\n')
@@ -571,14 +576,14 @@ export class RedisStore implements IdempotencyStore {
    * runs out by itself, and holds no process open).
    */
   close (): void {
-    this.client.off('ready', this.reconnected)
+    this.redis.off('ready', this.reconnected)
     this.reader?.client.disconnect()
     this.reader = undefined
     if (this.deadlines.size === 0) this.deadlines.close()
   }
 
   private openReader (): { client: Redis | Cluster, outage: Outage } {
-    const client = this.client.isCluster ? (this.client as Cluster).duplicate() : (this.client as Redis).duplicate()
+    const client = this.redis.isCluster ? (this.redis as Cluster).duplicate() : (this.redis as Redis).duplicate()
     const outage = outageOf(client)
     client.on('error', ignore) // a failed lookup carries the error; the application's client reports the outage
     return { client, outage }
@@ -608,8 +613,8 @@ export class RedisStore implements IdempotencyStore {
    * picks its node).
    */
   private joinTurn (): void {
-    if (this.turn !== undefined || this.client.isCluster) return
-    const { stream, status } = this.client as Redis
+    if (this.turn !== undefined || this.redis.isCluster) return
+    const { stream, status } = this.redis as Redis
     const turn: Turn = { corked: undefined, replicated: undefined, acknowledged: ignore }
     if (status === 'ready') {
       stream.cork()
@@ -642,8 +647,8 @@ export class RedisStore implements IdempotencyStore {
 
   /** The nodes that hold records: the client itself, or every master of a Cluster (once it knows them). */
   private async masters (): Promise<Redis[]> {
-    if (!this.client.isCluster) return [this.client as Redis]
-    const cluster = this.client as Cluster
+    if (!this.redis.isCluster) return [this.redis as Redis]
+    const cluster = this.redis as Cluster
     // A Cluster lists its nodes once it has read the slots; its commands wait for that.
     if (cluster.status !== 'ready') await this.deadlines.bound(cluster.ping())
     return cluster.nodes('master')

@@ -18,6 +18,17 @@ const root = fileURLToPath(new URL('../..', import.meta.url))
 const require = createRequire(import.meta.url)
 const versionOf = (name: string) => (JSON.parse(readFileSync(join(root, 'node_modules', name, 'package.json'), 'utf8')) as { version: string }).version
 const TSC5 = require.resolve('typescript/bin/tsc')
+/** The consumer's processes run as a user's would: without this test runner's loaders. */
+const env = { ...process.env }
+delete env.NODE_OPTIONS
+delete env.NODE_V8_COVERAGE
+/**
+ * Runs node as a user would. tap re-adds its process-tracking loader to every child it sees
+ * spawned, and that loader cannot load TypeScript 7's ES module entry point: a shell clears it.
+ */
+function plainNode (args: string[], cwd: string) {
+  return spawnSync('sh', ['-c', 'unset NODE_OPTIONS; exec "$0" "$@"', process.execPath, ...args], { cwd, env, encoding: 'utf8' })
+}
 const TSC7 = join(root, 'node_modules', 'typescript7', 'bin', 'tsc')
 
 /** What a consumer writes: the plugin, its options and route config, reply.idempotency, the stores' types, the errors. */
@@ -53,7 +64,7 @@ t.test('packed, installed with only fastify, and type-checked as a consumer woul
   const dir = mkdtempSync(join(tmpdir(), 'idem-consumer-'))
   t.teardown(() => rmSync(dir, { recursive: true, force: true }))
 
-  const packed = JSON.parse(execFileSync('npm', ['pack', '--json', '--pack-destination', dir], { cwd: root, encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'] })) as Array<{ filename: string, files: Array<{ path: string }> }>
+  const packed = JSON.parse(execFileSync('npm', ['pack', '--json', '--pack-destination', dir], { cwd: root, env, encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'] })) as Array<{ filename: string, files: Array<{ path: string }> }>
   const files = packed[0].files.map((file) => file.path)
   t.ok(files.includes('dist/index.js') && files.includes('dist/index.d.ts'), 'the build and its declarations')
   t.same(files.filter((path) => !path.startsWith('dist/')).sort(), ['LICENSE', 'README.md', 'package.json'], 'and nothing else a user does not need')
@@ -63,9 +74,9 @@ t.test('packed, installed with only fastify, and type-checked as a consumer woul
   mkdirSync(consumer)
   writeFileSync(join(consumer, 'package.json'), JSON.stringify({ name: 'consumer', private: true, type: 'module' }))
   execFileSync('npm', ['install', '--no-audit', '--no-fund', '--prefer-offline', '--ignore-scripts',
-    join(dir, packed[0].filename), `fastify@${versionOf('fastify')}`, `@types/node@${versionOf('@types/node')}`], { cwd: consumer, stdio: ['ignore', 'ignore', 'inherit'] })
+    join(dir, packed[0].filename), `fastify@${versionOf('fastify')}`, `@types/node@${versionOf('@types/node')}`], { cwd: consumer, env, stdio: ['ignore', 'ignore', 'inherit'] })
   for (const absent of ['ioredis', 'pg', '@types/pg', '@fastify/redis', '@fastify/postgres']) {
-    t.equal(spawnSync(process.execPath, ['-e', `require.resolve(${JSON.stringify(absent)})`], { cwd: consumer }).status, 1, `${absent} is not installed`)
+    t.equal(plainNode(['-e', `require.resolve(${JSON.stringify(absent)})`], consumer).status, 1, `${absent} is not installed`)
   }
 
   for (const [name, tsc, compilerOptions] of [
@@ -76,12 +87,11 @@ t.test('packed, installed with only fastify, and type-checked as a consumer woul
     mkdirSync(project)
     writeFileSync(join(project, 'tsconfig.json'), tsconfig(compilerOptions))
     writeFileSync(join(project, 'index.ts'), CONSUMER)
-    const run = spawnSync(process.execPath, [tsc, '-p', project], { cwd: consumer, encoding: 'utf8' })
+    const run = plainNode([tsc, '-p', project], consumer)
     t.equal(run.status, 0, `${name}: the consumer type-checks with strict and skipLibCheck false`, { output: run.stdout + run.stderr })
   }
 
-  const required = spawnSync(process.execPath, ['--input-type=commonjs', '-e',
-    'const m = require("fastify-idempotency"); process.stdout.write(typeof m.default + " " + typeof m.fastifyIdempotency + " " + typeof m.MemoryStore)'],
-  { cwd: consumer, encoding: 'utf8' })
+  const required = plainNode(['--input-type=commonjs', '-e',
+    'const m = require("fastify-idempotency"); process.stdout.write(typeof m.default + " " + typeof m.fastifyIdempotency + " " + typeof m.MemoryStore)'], consumer)
   t.equal(required.stdout, 'function function function', `require() of the ESM package works on Node ${process.versions.node}`, { stderr: required.stderr })
 })
