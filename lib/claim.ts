@@ -16,7 +16,6 @@ import { FingerprintMismatchError, InFlightError, InvalidScopeError, KeyMissingE
 import { defaultFingerprint } from './fingerprint.js'
 import { watchResponse } from './completion.js'
 import { parseKey } from './header.js'
-import { policyOf } from './options.js'
 import { sendProblem } from './problem.js'
 import { isThenable } from './thenable.js'
 import { replayResponse } from './response.js'
@@ -269,7 +268,7 @@ function chosenPolicy (state: RequestState, err: unknown): StoreErrorPolicy {
   } catch (callbackError) {
     callbackThrew(state, callbackError)
   }
-  return policyOf(option)
+  return 'fail-closed'
 }
 
 /** Calls an event callback; one that throws is logged and never breaks the request. */

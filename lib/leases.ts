@@ -72,11 +72,6 @@ export class LeaseKeeper {
     this.abortTimers.clear()
   }
 
-  /** Held claims (for tests). */
-  get size (): number {
-    return this.held.size
-  }
-
   private schedule (now: number): void {
     this.dueAt = now + this.interval
     this.timer = setTimeout(this.tick, this.interval).unref()

@@ -72,7 +72,7 @@ export interface Inherited {
   replayStatusCode: number | null
   fingerprint: FingerprintFunction | undefined
   scope: ScopeFunction | undefined
-  /** As given: a policy, or a function that picks one per failure (`policyOf`). */
+  /** As given: a policy, or a function that picks one per failure (nothing picked: fail-closed). */
   onStoreError: StoreErrorPolicy | StoreErrorEvent
   onReplay: IdempotencyEvent | undefined
   onConflict: IdempotencyEvent | undefined
@@ -126,11 +126,6 @@ export function inherit (options: InheritableOptions, parent: Inherited, fail: F
     if (value !== undefined) (resolved as Record<string, unknown>)[name] = (RESOLVE[name] as (value: unknown, fail: Fail) => unknown)(value, fail)
   }
   return resolved
-}
-
-/** The policy an `onStoreError` option names when the store fails (a function's answer is asked per failure). */
-export function policyOf (option: StoreErrorPolicy | StoreErrorEvent): StoreErrorPolicy {
-  return typeof option === 'function' ? 'fail-closed' : option
 }
 
 const storeSchema = Type.Object({
@@ -271,7 +266,7 @@ export function check (schema: TSchema, value: unknown, fail: Fail): void {
   const error = Value.Errors(schema, value).First()
   if (error === undefined) return
   const message = (error.schema as { errorMessage?: string }).errorMessage || error.message
-  throw fail(error.path.slice(1).replaceAll('/', '.') || '(options)', error.type === ValueErrorType.ObjectAdditionalProperties ? 'unknown option' : message)
+  throw fail(error.path.slice(1).replaceAll('/', '.'), error.type === ValueErrorType.ObjectAdditionalProperties ? 'unknown option' : message)
 }
 
 const invalid: Fail = (path, message) => new InvalidOptionError(path, message)

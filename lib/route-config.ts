@@ -32,7 +32,7 @@ export function resolveRoute (
   if (config === false) return undefined
   const routeMethods = [route.method].flat().map((m) => m.toUpperCase())
   const name = `${routeMethods.join(',')} ${route.url}`
-  const fail = (path: string, message: string) => new InvalidRouteConfigError(name, path === '(options)' ? 'config.idempotency' : path, message)
+  const fail = (path: string, message: string) => new InvalidRouteConfigError(name, path, message)
   const explicit = config !== undefined
   if (explicit && config !== true) {
     if (typeof config !== 'object' || config === null || Array.isArray(config)) {
@@ -62,7 +62,7 @@ export function resolveRoute (
     methods,
     required: config === true || (options.required ?? plugin.mode === 'required'),
     manual: options.manual ?? false,
-    store: stores.forRoute(inherited, (path, message) => fail(path, message)),
+    store: stores.forRoute(inherited, options, fail),
     counters: stats === undefined ? emptyCounters() : stats.counters(`${[...methods].join(',')} ${route.url}`),
     plugin
   }

@@ -135,6 +135,20 @@ t.test('an event loop blocked past the lease: the late renewal tick is logged, a
   t.ok((late?.lateMs as number) >= 1000, `with how late: ${late?.lateMs} ms`)
 })
 
+t.test('a signal first read after the lease may have run out is aborted already', async (t) => {
+  const store = renewing({ renew: 'ok' })
+  const app = await build(t, { store, lockTtl: 1000 })
+  let aborted: boolean | undefined
+  app.post('/', async (_request, reply) => {
+    const until = Date.now() + 1100
+    while (Date.now() < until) { /* synchronous work past the whole lease, before the handler looks */ }
+    aborted = reply.idempotency.signal.aborted
+    return 'done'
+  })
+  await app.inject({ method: 'POST', url: '/', headers: { 'idempotency-key': 'k' } })
+  t.equal(aborted, true)
+})
+
 t.test('the signal of a request without a claim never aborts; read after the claim ended, it stays as it was', async (t) => {
   const app = await build(t, { lockTtl: 1000 })
   const signals: AbortSignal[] = []

@@ -294,6 +294,8 @@ test('complete() throwing: the client still gets its answer; the failure is logg
   const res = await app.inject({ method: 'POST', url: '/', headers: { 'idempotency-key': 'k' } })
   t.equal(res.statusCode, 201)
   t.same(res.json(), { run: 1 })
+  // The save goes out once the response is over, and fails a turn later.
+  await until(() => lines.some((l) => l.level === ERROR && /could not be saved/.test(l.msg)))
   const logged = lines.find((l) => l.level === ERROR && /could not be saved/.test(l.msg))
   t.equal(logged?.err?.message, 'store down (complete)')
   t.type(logged?.idempotencyKey, 'string')

@@ -6,7 +6,7 @@
  * application's wall clock does.
  */
 import t from 'tap'
-import { MemoryStore } from '../index.js'
+import { MemoryStore, errors } from '../index.js'
 import type { IdempotencyRecord, IdempotencyStore, StoreErrorPolicy } from '../index.js'
 import { build, capturingLogger, ERROR, gate, until, type LogLine } from './helpers/app.js'
 
@@ -112,6 +112,27 @@ t.test('a duplicate that has seen its key in flight never fails open when a late
   control.failAfter = Infinity
   slow.open()
   t.equal((await original).statusCode, 200)
+})
+
+t.test('a store that refuses claims because it may evict records (redis.requireNoEviction): 503 even with fail-open', async (t) => {
+  const inner = new MemoryStore()
+  t.teardown(() => inner.close())
+  const store: IdempotencyStore = {
+    claim () { throw new errors.RedisEvictionError('allkeys-lru') },
+    complete: inner.complete.bind(inner),
+    release: inner.release.bind(inner),
+    renew: inner.renew.bind(inner)
+  }
+  const lines: LogLine[] = []
+  const app = await build(t, { store, onStoreError: 'fail-open' }, capturingLogger(lines))
+  let runs = 0
+  app.post('/', async () => ({ run: ++runs }))
+  const res = await send(app)
+  t.equal(res.statusCode, 503)
+  t.equal(res.json().code, 'FST_IDEMPOTENCY_STORE_UNAVAILABLE')
+  t.equal(res.headers['retry-after'], '1')
+  t.equal(runs, 0, 'never run without idempotency')
+  t.ok(lines.some((line) => line.level === ERROR && /may evict records/.test(line.msg)))
 })
 
 t.test('inFlight.wait is measured on the monotonic clock: a wall clock stepped back does not stretch it', async (t) => {

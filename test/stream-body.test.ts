@@ -5,7 +5,7 @@
  * the bytes, so the same bytes replay and different bytes are a 422.
  */
 import t, { type Test } from 'tap'
-import type { Readable } from 'node:stream'
+import { Readable } from 'node:stream'
 import Fastify from 'fastify'
 import fastifyIdempotency from '../index.js'
 import './helpers/crash-guard.js'
@@ -57,4 +57,25 @@ t.test('a stream body over the route\'s bodyLimit is refused with Fastify\'s own
     method: 'POST', url: '/upload', payload: 'x'.repeat(16), headers: { 'content-type': 'text/plain', 'idempotency-key': 'big' }
   })
   t.equal(fits.statusCode, 200, 'the key was never claimed: a corrected retry runs')
+})
+
+t.test('a stream body that fails while it is read: Fastify answers the error, and the key is never claimed', async (t) => {
+  const app = Fastify()
+  t.teardown(() => app.close())
+  await app.register(fastifyIdempotency)
+  app.removeAllContentTypeParsers()
+  let broken = true
+  app.addContentTypeParser('*', (_request, payload, done) => {
+    if (!broken) return done(null, payload)
+    done(null, new Readable({ read () { this.destroy(Object.assign(new Error('the upload broke'), { statusCode: 400 })) } }))
+  })
+  let runs = 0
+  app.post('/upload', async () => ({ runs: ++runs }))
+  const send = () => app.inject({ method: 'POST', url: '/upload', payload: 'x', headers: { 'content-type': 'text/plain', 'idempotency-key': 'k' } })
+  const failed = await send()
+  t.equal(failed.statusCode, 400)
+  t.equal(failed.json().message, 'the upload broke')
+  t.equal(runs, 0)
+  broken = false
+  t.equal((await send()).statusCode, 200, 'the retry claims the key and runs')
 })

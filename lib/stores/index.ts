@@ -8,7 +8,7 @@ import type { FastifyInstance } from 'fastify'
 import { InvalidOptionError } from '../errors.js'
 import type { Inherited, PluginSettings } from '../options.js'
 import { warnings } from '../warnings.js'
-import type { IdempotencyStore, RedisClient, SqlClient } from '../../types/index.js'
+import type { IdempotencyStore, InheritableOptions, RedisClient, SqlClient } from '../../types/index.js'
 import { ReplayCache } from './cache.js'
 import { MemoryStore } from './memory.js'
 import { PostgresStore } from './postgres.js'
@@ -27,31 +27,30 @@ export class Stores {
   private readonly views = new Map<IdempotencyStore, IdempotencyStore>()
 
   constructor (private readonly fastify: FastifyInstance, private readonly settings: PluginSettings) {
-    this.main = this.pick(settings.inherited, (path, message) => new InvalidOptionError(path, message))
+    this.main = this.pick(settings.store, settings.inherited, (path, message) => new InvalidOptionError(path, message))
   }
 
   /**
    * What a route's requests use: its store (`fail` makes the start-up error
-   * when it cannot be made), behind a replay cache when the store is shared.
+   * when it cannot be made), behind a replay cache when the store is shared
+   * (Redis, Postgres). A route whose own config names a Redis or Postgres
+   * database (`redisNamespace`, `pgNamespace`) keeps its records there,
+   * whatever the plugin's store.
    */
-  forRoute (options: Inherited, fail: Fail): IdempotencyStore {
-    const store = this.pick(options, fail)
+  forRoute (options: Inherited, own: InheritableOptions, fail: Fail): IdempotencyStore {
+    const kind = own.redisNamespace !== undefined ? 'redis' : own.pgNamespace !== undefined ? 'postgres' : this.settings.store
+    const store = this.pick(kind, options, fail)
     let view = this.views.get(store)
     if (view === undefined) {
-      // A memory store is in this process already: a cache in front of it would only copy it.
-      view = this.settings.replayCache > 0 && !(store instanceof MemoryStore) ? new ReplayCache(store, this.settings.replayCache) : store
+      // A store in this process (memory) needs no copy; one of another kind may be changed by others.
+      const shared = store instanceof RedisStore || store instanceof PostgresStore
+      view = this.settings.replayCache > 0 && shared ? new ReplayCache(store, this.settings.replayCache) : store
       this.views.set(store, view)
     }
     return view
   }
 
-  /**
-   * The store that options name: a Redis or Postgres database named by
-   * `redisNamespace` or `pgNamespace` (a route may keep its records there
-   * whatever the plugin's store), or else the plugin's `store`.
-   */
-  private pick (options: Inherited, fail: Fail): IdempotencyStore {
-    const store = options.redisNamespace !== undefined ? 'redis' : options.pgNamespace !== undefined ? 'postgres' : this.settings.store
+  private pick (store: PluginSettings['store'], options: Inherited, fail: Fail): IdempotencyStore {
     if (typeof store === 'object') return this.watched(store)
     if (store === 'memory') return this.once('memory', () => this.watched(new MemoryStore()))
     if (store === 'redis') {

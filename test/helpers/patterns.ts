@@ -130,6 +130,34 @@ export function lifecyclePatterns (t: Test, target: PatternTarget): void {
     }), true)
   })
 
+  t.test('a second reply while the first is still in an async onSend hook after the plugin: the client gets the first, logged, nothing saved', async (t) => {
+    const delay = (app: FastifyInstance) => app.addHook('onSend', async (_request, _reply, payload) => {
+      await sleep(1)
+      return payload
+    })
+    const handler = (_request: FastifyRequest, reply: FastifyReply) => {
+      reply.send({ a: 1 })
+      reply.send({ b: 2 })
+    }
+    const alone = await bare(t, handler, {}, delay)
+    const lines: LogLine[] = []
+    const store = new Watch(await target.store())
+    const app = Fastify(capturingLogger(lines))
+    t.teardown(() => app.close())
+    await app.register(fastifyIdempotency, { store })
+    delay(app)
+    app.post('/', handler)
+    const first = await inject(app, 'k')
+    t.equal(first.status, alone.status)
+    t.equal(first.body, alone.body, 'the first reply, as Fastify alone sends it')
+    await until(() => store.ended === 1)
+    t.ok(lines.some((line) => /a second reply reached onSend/.test(line.msg)), 'the second reply is logged')
+    // Whether the response is over before Fastify's error for the second reply comes decides between the
+    // two answers the rule allows: the record is exactly what the client got, or nothing.
+    t.ok(store.saved.length === 0 || Buffer.from(store.saved[0].body).toString() === first.body,
+      `the saved record is what the client got, or there is none (${store.saved.length})`)
+  })
+
   t.test('a handler that sends, then throws: the client gets the reply; a handler that threw is never saved', async (t) => {
     await sameAsFastify(t, 'send then throw', counted(async (_runs, _q, reply) => {
       reply.send({ v: 1 })
@@ -161,6 +189,9 @@ export function lifecyclePatterns (t: Test, target: PatternTarget): void {
     }), true)
     await sameAsFastify(t, 'sync return value', counted((runs) => ({ run: runs })), true)
     await sameAsFastify(t, 'sync throw', counted(() => { throw new Error('sync') }), false)
+    await sameAsFastify(t, 'callback, later error', counted((_runs, _q, reply) => {
+      setTimeout(() => reply.send(new Error('later')), 5)
+    }), false)
     await sameAsFastify(t, 'rejects', counted(async () => { throw Object.assign(new Error('nope'), { statusCode: 409 }) }), false)
   })
 

@@ -86,6 +86,12 @@ withPostgres(t, (t) => {
       code: 'FST_IDEMPOTENCY_INVALID_OPTION',
       message: /register @fastify\/postgres before fastify-idempotency/
     })
+    const notADatabase = Fastify()
+    t.teardown(() => notADatabase.close())
+    notADatabase.decorate('pg', {} as never)
+    await t.rejects(async () => { await notADatabase.register(fastifyIdempotency, { store: 'postgres' }) }, {
+      message: /fastify\.pg is not a @fastify\/postgres database: register @fastify\/postgres before fastify-idempotency \(or set pgNamespace\)/
+    })
     const wrongName = Fastify()
     t.teardown(() => wrongName.close())
     await wrongName.register(fastifyPostgres, { connectionString: server.connectionString })
