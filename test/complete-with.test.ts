@@ -87,3 +87,17 @@ t.test('the store says the claim is gone: FST_IDEMPOTENCY_CLAIM_LOST (409)', asy
   t.equal(res.statusCode, 409)
   t.equal(res.json().code, 'FST_IDEMPOTENCY_CLAIM_LOST')
 })
+
+t.test('after the handler has ended (in an onSend hook), completeWith refuses: the request holds no claim any more', async (t) => {
+  const { store } = transactional()
+  const app = await build(t, { store })
+  const errors: unknown[] = []
+  app.post('/', {
+    onSend: async (_request, reply, payload) => {
+      await reply.idempotency.completeWith(client, { late: true }).catch((err: unknown) => { errors.push(err) })
+      return payload
+    }
+  }, async () => ({ ok: true }))
+  await app.inject({ method: 'POST', url: '/', headers: { 'idempotency-key': 'k' } })
+  t.match(errors, [{ code: 'FST_IDEMPOTENCY_COMPLETE_WITH', message: /holds no idempotency claim/ }])
+})

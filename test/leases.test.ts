@@ -9,7 +9,7 @@
 import t from 'tap'
 import { MemoryStore } from '../index.js'
 import type { IdempotencyStore } from '../index.js'
-import { build, capturingLogger, ERROR, sleep, WARN, type LogLine } from './helpers/app.js'
+import { build, capturingLogger, ERROR, gate, sleep, WARN, type LogLine } from './helpers/app.js'
 
 // The plugin's timers are unref'd (a held claim never keeps a process alive); injected requests
 // hold no socket, so this keeps the test process up while handlers wait for their signal.
@@ -147,6 +147,21 @@ t.test('a signal first read after the lease may have run out is aborted already'
   })
   await app.inject({ method: 'POST', url: '/', headers: { 'idempotency-key': 'k' } })
   t.equal(aborted, true)
+})
+
+t.test('the app closing while a handler waits on its signal: the abort timer goes with it', async (t) => {
+  const app = await build(t, { lockTtl: 1000 })
+  const started = gate()
+  app.post('/', async (_request, reply) => {
+    reply.idempotency.signal.addEventListener('abort', () => {})
+    started.open()
+    await sleep(100)
+    return 'done'
+  })
+  const answer = app.inject({ method: 'POST', url: '/', headers: { 'idempotency-key': 'k' } })
+  await started.promise
+  await app.close()
+  t.equal((await answer).statusCode, 200, 'the handler still answers')
 })
 
 t.test('the signal of a request without a claim never aborts; read after the claim ended, it stays as it was', async (t) => {

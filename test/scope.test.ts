@@ -191,7 +191,8 @@ test('scope answers: null is no scope, a finite number its digits; anything else
     nan: Number.NaN,
     boolean: true,
     symbol: Symbol('user'),
-    bigint: 10n
+    bigint: 10n,
+    bare: Object.create(null)
   }
   const store = new RecordingStore()
   t.teardown(() => store.close())
@@ -214,7 +215,7 @@ test('scope answers: null is no scope, a finite number its digits; anything else
   const same = await send('numberAsText')
   t.equal(same.headers['idempotent-replayed'], 'true', 'the number 42 and the string "42" are one principal')
 
-  for (const name of ['object', 'otherObject', 'promiseOfObject', 'nan', 'boolean', 'symbol', 'bigint']) {
+  for (const name of ['object', 'otherObject', 'promiseOfObject', 'nan', 'boolean', 'symbol', 'bigint', 'bare']) {
     const refused = await send(name)
     t.equal(refused.statusCode, 500, `${name}: refused`)
     t.equal(refused.json().code, 'FST_IDEMPOTENCY_INVALID_SCOPE')
@@ -223,6 +224,7 @@ test('scope answers: null is no scope, a finite number its digits; anything else
   t.equal(runs, 2, 'no refused request ran the handler')
   t.equal(store.claims.length, 3, 'nor claimed a key')
   const logged = lines.filter((line) => line.level === ERROR && /scope function returned something that is not a principal id/.test(line.msg))
-  t.equal(logged.length, 7, 'each refusal is logged')
+  t.equal(logged.length, 8, 'each refusal is logged')
   t.match(logged[0].scope, /an object \(Object\)/)
+  t.match(logged[7].scope, /an object \(without prototype\)/)
 })

@@ -79,3 +79,33 @@ t.test('a stream body that fails while it is read: Fastify answers the error, an
   broken = false
   t.equal((await send()).statusCode, 200, 'the retry claims the key and runs')
 })
+
+t.test('a stream that gives text, and one read already by an earlier hook', async (t) => {
+  const app = Fastify()
+  t.teardown(() => app.close())
+  await app.register(fastifyIdempotency)
+  app.removeAllContentTypeParsers()
+  app.addContentTypeParser('*', (request, payload, done) => {
+    if (request.headers['x-read'] === '1') {
+      payload.resume()
+      payload.once('end', () => done(null, payload)) // a parser that drained it already
+      return
+    }
+    payload.setEncoding('utf8') // chunks arrive as strings
+    done(null, payload)
+  })
+  let runs = 0
+  app.post('/upload', async (request) => {
+    runs++
+    let text = ''
+    for await (const chunk of request.body as Readable) text += String(chunk)
+    return { runs, text }
+  })
+  const send = (payload: string, headers: Record<string, string> = {}) => app.inject({
+    method: 'POST', url: '/upload', payload, headers: { 'content-type': 'text/plain', 'idempotency-key': `k-${headers['x-read'] ?? 0}`, ...headers }
+  })
+  t.same((await send('naïve text')).json(), { runs: 1, text: 'naïve text' })
+  t.equal((await send('naïve text')).headers['idempotent-replayed'], 'true')
+  t.equal((await send('other text')).statusCode, 422, 'string chunks are fingerprinted by their bytes')
+  t.same((await send('gone', { 'x-read': '1' })).json(), { runs: 2, text: '' }, 'nothing left to read: an empty body')
+})

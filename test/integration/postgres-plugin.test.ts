@@ -80,6 +80,16 @@ withPostgres(t, (t) => {
     await pay(app, 'k')
     t.equal((await pay(app, 'k')).headers['idempotent-replayed'], 'true')
 
+    // A route may keep its records in a Postgres database whatever the plugin's store.
+    const mixed = Fastify()
+    t.teardown(() => mixed.close())
+    await mixed.register(fastifyPostgres, { connectionString: server.connectionString, name: 'ledger' })
+    await mixed.register(fastifyIdempotency, { postgres: { table: uniqueTable('mixed') }, storeTimeout: 300 })
+    mixed.post('/pay', { config: { idempotency: { pgNamespace: 'ledger' } } }, async () => ({ ok: true }))
+    await pay(mixed, 'k')
+    t.equal((await pay(mixed, 'k')).headers['idempotent-replayed'], 'true')
+    t.notOk(mixed.idempotency.store instanceof PostgresStore, 'the plugin\'s own store is still the memory store')
+
     const bare = Fastify()
     t.teardown(() => bare.close())
     await t.rejects(async () => { await bare.register(fastifyIdempotency, { store: 'postgres' }) }, {
