@@ -35,7 +35,7 @@ const plugin: FastifyPluginAsync<FastifyIdempotencyOptions> = async (fastify, op
   if (fastify.hasDecorator('idempotency')) throw new RegisteredTwiceError()
   const settings = resolveOptions(options)
   const stores = new Stores(fastify, settings)
-  const routePlugin: RouteSettings['plugin'] = { ...settings, leases: new LeaseKeeper(settings.lockTtl, settings.logKey, fastify.log) }
+  const routePlugin: RouteSettings['plugin'] = { ...settings, leases: new LeaseKeeper(settings.lockTtl, fastify.log) }
   const stats = new Stats(stores.main, settings.stats,
     (err) => fastify.log.error({ err }, 'idempotency: stats could not be saved'))
   if (settings.inherited.scope === undefined && settings.mode !== 'exempt') warnings.noScope()

@@ -72,7 +72,7 @@ export async function claimKey (request: FastifyRequest, reply: FastifyReply): P
   const scope = isThenable(scoped) ? await scoped : scoped
   if (typeof scope === 'object') return reject(state, new InvalidScopeError(describe(scope.value)))
   const queryAt = request.url.indexOf('?')
-  state.storeKey = route.plugin.keyEncoder({
+  state.storeKey = route.keyEncoder({
     scope,
     method: request.method,
     path: queryAt === -1 ? request.url : request.url.slice(0, queryAt),
@@ -91,7 +91,7 @@ export async function claimKey (request: FastifyRequest, reply: FastifyReply): P
 /** The claim loop: one atomic store step, then the answer for what holds the key. */
 async function claimOrAnswer (state: RequestState, fingerprint: string | undefined): Promise<FastifyReply | undefined> {
   const { route, request, reply } = state
-  const { lockTtl, inFlightWait, logKey } = route.plugin
+  const { lockTtl, inFlightWait } = route.plugin
   const deadline = inFlightWait > 0 ? performance.now() + inFlightWait : 0
   let pause = FIRST_POLL
   let seenInFlight = false
@@ -107,7 +107,7 @@ async function claimOrAnswer (state: RequestState, fingerprint: string | undefin
       route.counters.storeErrors++
       const record = await lookupAfterFailure(state)
       if (record === undefined) return refuse(state, err, seenInFlight)
-      request.log.error({ err, idempotencyKey: logKey(state.storeKey) }, 'idempotency: store failed; the key was read instead (read-only lookup)')
+      request.log.error({ err, idempotencyKey: state.logKey }, 'idempotency: store failed; the key was read instead (read-only lookup)')
       result = { record }
     }
     if (result.token !== undefined) {
@@ -117,7 +117,7 @@ async function claimOrAnswer (state: RequestState, fingerprint: string | undefin
     const record = result.record
     if (fingerprint !== undefined && record.fingerprint !== undefined && record.fingerprint !== fingerprint) {
       countDuplicate(route, 'mismatches')
-      request.log.warn({ idempotencyKey: logKey(state.storeKey) }, 'idempotency: key reused with a different request (422)')
+      request.log.warn({ idempotencyKey: state.logKey }, 'idempotency: key reused with a different request (422)')
       emit(route.onMismatch, state)
       return reject(state, new FingerprintMismatchError())
     }
@@ -128,7 +128,7 @@ async function claimOrAnswer (state: RequestState, fingerprint: string | undefin
       if (route.manual) return // the handler decides what a duplicate gets
       state.replayed = true
       state.replayPending = true
-      if (logsDebug(request.log)) request.log.debug({ idempotencyKey: logKey(state.storeKey) }, 'idempotency: replayed a saved response')
+      if (logsDebug(request.log)) request.log.debug({ idempotencyKey: state.logKey }, 'idempotency: replayed a saved response')
       emit(route.onReplay, state)
       return replayResponse(reply, record.response, route.replayStatusCode ?? record.response.statusCode, route.plugin.replayHeader)
     }
@@ -172,8 +172,8 @@ async function lookupAfterFailure (state: RequestState): Promise<IdempotencyReco
 
 /** A claim that failed and found no record: answered in flight, run without idempotency (fail-open), or refused (503). */
 function refuse (state: RequestState, err: unknown, seenInFlight: boolean): FastifyReply | undefined {
-  const { route, request, reply } = state
-  const idempotencyKey = route.plugin.logKey(state.storeKey)
+  const { request, reply } = state
+  const idempotencyKey = state.logKey
   // Once the original was seen in flight, it may still be running: never run beside it.
   if (seenInFlight) {
     request.log.error({ err, idempotencyKey }, 'idempotency: store failed; the original was seen in flight, so the duplicate is answered as in flight')
@@ -193,11 +193,11 @@ function answerRefusal (state: RequestState, err: RequestError): FastifyReply {
   const { route, request, reply } = state
   route.counters.storeErrors++
   if (err.code === 'FST_IDEMPOTENCY_STORE_FULL') {
-    request.log.warn({ idempotencyKey: route.plugin.logKey(state.storeKey) }, 'idempotency: the store holds too many requests in flight; refused (503)')
+    request.log.warn({ idempotencyKey: state.logKey }, 'idempotency: the store holds too many requests in flight; refused (503)')
     reply.header('retry-after', '1')
     return reject(state, err)
   }
-  request.log.error({ err, idempotencyKey: route.plugin.logKey(state.storeKey) }, 'idempotency: the store may evict records (redis.requireNoEviction); refused (503)')
+  request.log.error({ err, idempotencyKey: state.logKey }, 'idempotency: the store may evict records (redis.requireNoEviction); refused (503)')
   reply.header('retry-after', '1')
   return reject(state, new StoreUnavailableError())
 }
@@ -205,7 +205,7 @@ function answerRefusal (state: RequestState, err: RequestError): FastifyReply {
 function answerInFlight (state: RequestState): FastifyReply {
   const { route, request, reply } = state
   countDuplicate(route, 'conflicts')
-  request.log.info({ idempotencyKey: route.plugin.logKey(state.storeKey) }, 'idempotency: the original request is still in flight')
+  request.log.info({ idempotencyKey: state.logKey }, 'idempotency: the original request is still in flight')
   emit(route.onConflict, state)
   const err: RequestError = new InFlightError()
   err.statusCode = route.plugin.inFlightStatus
@@ -282,7 +282,7 @@ function emit (event: IdempotencyEvent | undefined, state: RequestState): void {
 }
 
 function callbackThrew (state: RequestState, err: unknown): void {
-  state.request.log.error({ err, idempotencyKey: state.route.plugin.logKey(state.storeKey) }, 'idempotency: an event callback threw')
+  state.request.log.error({ err, idempotencyKey: state.logKey }, 'idempotency: an event callback threw')
 }
 
 /** Counts a duplicate (replay, conflict or mismatch) on its route. */

@@ -116,7 +116,7 @@ function capture (state: RequestState, reply: FastifyReply, payload: unknown): v
     if (!state.failed) state.captured = captureResponse(reply, payload, state.route.plugin.unsavedHeaders)
     if (state.committed !== undefined && state.captured !== undefined) checkCommitted(state, state.committed, state.captured)
   } else if (!state.failed) {
-    state.request.log.warn({ idempotencyKey: state.route.plugin.logKey(state.storeKey) },
+    state.request.log.warn({ idempotencyKey: state.logKey },
       'idempotency: a second reply reached onSend for this request (reply.send called twice?); the first one is the one saved')
   }
   if (state.endsWithSend) {
@@ -129,7 +129,7 @@ function capture (state: RequestState, reply: FastifyReply, payload: unknown): v
 /** The reply that goes out after completeWith must be the one it saved; retries replay what was saved. */
 function checkCommitted (state: RequestState, committed: StoredResponse, sent: StoredResponse | null): void {
   if (sent !== null && sent.statusCode === committed.statusCode && sameBody(sent.body, committed.body)) return
-  state.request.log.error({ idempotencyKey: state.route.plugin.logKey(state.storeKey) },
+  state.request.log.error({ idempotencyKey: state.logKey },
     'idempotency: the reply differs from what completeWith saved (send the same body; or a later hook changed it); retries replay what completeWith saved')
 }
 
@@ -173,7 +173,7 @@ export function endClaim (state: RequestState): void {
   if (state.committed !== undefined) {
     // completeWith saved it in the handler's transaction; if that rolled back, the claim is still ours.
     call(state, 'release', () => state.route.store.release(state.storeKey, token), (released) => {
-      if (released) state.request.log.warn({ idempotencyKey: state.route.plugin.logKey(state.storeKey) }, 'idempotency: the transaction of completeWith did not commit; the claim is released')
+      if (released) state.request.log.warn({ idempotencyKey: state.logKey }, 'idempotency: the transaction of completeWith did not commit; the claim is released')
     })
     return
   }
@@ -186,7 +186,7 @@ export function endClaim (state: RequestState): void {
   call(state, 'save', () => route.store.complete(state.storeKey, token, response, route.ttl), (saved) => {
     if (saved) return
     const vanished = performance.now() < state.heldUntil
-    state.request.log.error({ idempotencyKey: route.plugin.logKey(state.storeKey) }, vanished
+    state.request.log.error({ idempotencyKey: state.logKey }, vanished
       ? 'idempotency: the record vanished from the store while its claim was held (evicted, or deleted by hand: check maxmemory-policy); the response was not saved'
       : 'idempotency: the claim expired before the response could be saved (its lease was lost); the response was not saved')
   })
@@ -197,13 +197,13 @@ function storable (state: RequestState): StoredResponse | undefined {
   const { captured, route, request } = state
   if (state.failed) return
   if (captured === undefined) {
-    request.log.info({ idempotencyKey: route.plugin.logKey(state.storeKey) },
+    request.log.info({ idempotencyKey: state.logKey },
       'idempotency: the request ended without a reply to save (the client went away, the reply was hijacked or written to reply.raw); the claim is released')
     return
   }
   if (!route.storeOnStatuses.has(captured === null ? state.reply.statusCode : captured.statusCode)) return
   if (captured === null) {
-    request.log.warn({ idempotencyKey: route.plugin.logKey(state.storeKey) }, 'idempotency: the response payload cannot be saved (a stream?); the claim is released')
+    request.log.warn({ idempotencyKey: state.logKey }, 'idempotency: the response payload cannot be saved (a stream?); the claim is released')
     return
   }
   return captured
@@ -212,7 +212,7 @@ function storable (state: RequestState): StoredResponse | undefined {
 /** Runs one store call off the request path: synchronous or not, it never throws, and failures are logged. */
 function call<T> (state: RequestState, what: 'save' | 'release', run: () => T | PromiseLike<T>, then?: (result: T) => void): void {
   const failed = (err: unknown) => {
-    state.request.log.error({ err, idempotencyKey: state.route.plugin.logKey(state.storeKey) }, what === 'save'
+    state.request.log.error({ err, idempotencyKey: state.logKey }, what === 'save'
       ? 'idempotency: the response could not be saved; the claim expires after lockTtl'
       : 'idempotency: the claim could not be released; it expires after lockTtl')
   }

@@ -32,7 +32,6 @@ export class LeaseKeeper {
 
   constructor (
     private readonly lockTtl: number,
-    private readonly logKey: (storeKey: string) => string,
     private readonly log: FastifyBaseLogger
   ) {
     this.interval = Math.floor(lockTtl / 3)
@@ -103,12 +102,12 @@ export class LeaseKeeper {
       state.leaseLost = true
       this.drop(state)
       state.controller?.abort(new Error('idempotency: the claim was lost'))
-      request.log.error({ idempotencyKey: this.logKey(storeKey) },
+      request.log.error({ idempotencyKey: state.logKey },
         'idempotency: the lease of a running handler was lost (it expired, or the record was evicted or deleted); a duplicate may run, and this response will not be saved')
     }, (err: unknown) => {
       if (this.failedOnce.has(state)) return
       this.failedOnce.add(state)
-      request.log.error({ err, idempotencyKey: this.logKey(storeKey) },
+      request.log.error({ err, idempotencyKey: state.logKey },
         'idempotency: lease renewal failed; retrying every renewal interval (reply.idempotency.signal aborts if the lease may have run out)')
     })
   }

@@ -13,7 +13,7 @@ import type { preHandlerHookHandler } from 'fastify'
 import { InvalidOptionError } from './errors.js'
 import { defaultFingerprint } from './fingerprint.js'
 import type { KeyRules } from './header.js'
-import { defaultKeyEncoder, logKeyFor } from './key-encoder.js'
+import { defaultKeyEncoder } from './key-encoder.js'
 import { unsavedHeaders } from './response.js'
 import { warnings } from './warnings.js'
 import type {
@@ -245,8 +245,6 @@ export interface PluginSettings {
   replayHeader: string | false
   keyRules: KeyRules
   keyEncoder: KeyEncoder
-  /** How logs name a store key (see `logKeyFor`). */
-  logKey: (storeKey: string) => string
   telemetry: boolean
   /** Headers never saved with a response. */
   unsavedHeaders: ReadonlySet<string>
@@ -307,7 +305,6 @@ export function resolveOptions (options: FastifyIdempotencyOptions): PluginSetti
     replayHeader,
     keyRules: { header, maxLength: key.maxLength ?? 255, pattern: key.pattern, uuid: key.uuid ?? false },
     keyEncoder,
-    logKey: logKeyFor(keyEncoder),
     telemetry: options.telemetry ?? false,
     unsavedHeaders: unsavedHeaders(replayHeader, options.replaySetCookie ?? false),
     store,

@@ -6,11 +6,13 @@
  */
 import type { RouteOptions } from 'fastify'
 import { InvalidRouteConfigError } from './errors.js'
+import { defaultKeyEncoder, localKeyEncoder, logKeyFor } from './key-encoder.js'
 import type { LeaseKeeper } from './leases.js'
 import { check, inherit, routeConfigSchema, type Endpoint, type Inherited, type PluginSettings } from './options.js'
 import type { Stores } from './stores/index.js'
+import { MemoryStore } from './stores/memory.js'
 import { emptyCounters, type Stats } from './stats.js'
-import type { IdempotencyRouteOptions, IdempotencyStore, RouteCounters } from '../types/index.js'
+import type { IdempotencyRouteOptions, IdempotencyStore, KeyEncoder, RouteCounters } from '../types/index.js'
 
 /** What the request path of one covered route reads: the route's settings, and the plugin's under `plugin`. */
 export interface RouteSettings extends Inherited {
@@ -19,6 +21,10 @@ export interface RouteSettings extends Inherited {
   required: boolean
   manual: boolean
   store: IdempotencyStore
+  /** Builds the store key: the plugin's `keyEncoder`, or the default's unhashed form for a store in this process. */
+  keyEncoder: KeyEncoder
+  /** How logs name a store key of this route (never the client's key in clear). */
+  logKey: (storeKey: string) => string
   /** This route's pending stats counters, named `'POST /orders'` (the methods it covers and its path). */
   counters: RouteCounters
   plugin: PluginSettings & { leases: LeaseKeeper }
@@ -57,12 +63,17 @@ export function resolveRoute (
 
   const options: IdempotencyRouteOptions = typeof config === 'object' && config !== null ? config : {}
   const inherited = inherit(options, plugin.inherited, fail)
+  const store = stores.forRoute(inherited, options, fail)
+  // The memory store never leaves the process: its keys need no hash (the shared stores' do).
+  const keyEncoder = plugin.keyEncoder === defaultKeyEncoder && store instanceof MemoryStore ? localKeyEncoder : plugin.keyEncoder
   return {
     ...inherited,
     methods,
     required: config === true || (options.required ?? plugin.mode === 'required'),
     manual: options.manual ?? false,
-    store: stores.forRoute(inherited, options, fail),
+    store,
+    keyEncoder,
+    logKey: logKeyFor(keyEncoder),
     counters: stats === undefined ? emptyCounters() : stats.counters(`${[...methods].join(',')} ${route.url}`),
     plugin
   }

@@ -73,6 +73,11 @@ export class RequestState implements IdempotencyReplyState {
     readonly reply: FastifyReply
   ) {}
 
+  /** How logs name this request's store key. */
+  get logKey (): string {
+    return this.route.logKey(this.storeKey)
+  }
+
   get signal (): AbortSignal {
     if (this.token === undefined && this.controller === undefined) return NEVER
     this.controller ??= this.route.plugin.leases.watch(this)
