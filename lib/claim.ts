@@ -60,32 +60,42 @@ export function checkHeader (route: RouteSettings) {
   }
 }
 
+/** What claimKey answers for a request without a key: one settled promise, shared. */
+const NOTHING: Promise<undefined> = Promise.resolve(undefined)
+
 /**
  * preHandler, last in the route's chain: builds the store key and the
- * fingerprint, then claims the key or answers the duplicate.
+ * fingerprint, then claims the key or answers the duplicate. The steps that
+ * may wait (an async scope, a body to read) wait only when they must.
  */
-export async function claimKey (request: FastifyRequest, reply: FastifyReply): Promise<FastifyReply | undefined> {
+export function claimKey (request: FastifyRequest, reply: FastifyReply): Promise<FastifyReply | undefined> {
   const state = (reply as StatefulReply)[kState]
-  if (state === null || state.key === undefined) return
-  const { route } = state
+  if (state === null || state.key === undefined) return NOTHING
   const scoped = scopeOf(state)
-  const scope = isThenable(scoped) ? await scoped : scoped
+  const streamed = state.route.fingerprint === defaultFingerprint && isStream(request.body)
+  // An invalid scope goes the slow way too: it is refused there.
+  if (isThenable(scoped) || streamed || typeof scoped === 'object') return claimAfterWaiting(state, scoped, streamed)
+  storeKeyOf(state, scoped)
+  return claimOrAnswer(state, state.route.fingerprint?.(request))
+}
+
+async function claimAfterWaiting (state: RequestState, scoped: Scope | Promise<Scope>, streamed: boolean): Promise<FastifyReply | undefined> {
+  const scope = await scoped
   if (typeof scope === 'object') return reject(state, new InvalidScopeError(describe(scope.value)))
-  const queryAt = request.url.indexOf('?')
-  state.storeKey = route.keyEncoder({
-    scope,
-    method: request.method,
-    path: queryAt === -1 ? request.url : request.url.slice(0, queryAt),
-    key: state.key
-  })
+  storeKeyOf(state, scope)
+  if (!streamed) return claimOrAnswer(state, state.route.fingerprint?.(state.request))
   // A body the content-type parser left as a stream is read here, so that the fingerprint covers its bytes.
-  if (route.fingerprint === defaultFingerprint && isStream(request.body)) {
-    const putBack = await readStreamBody(request)
-    const fingerprint = defaultFingerprint(request)
-    putBack()
-    return claimOrAnswer(state, fingerprint)
-  }
-  return claimOrAnswer(state, route.fingerprint?.(request))
+  const putBack = await readStreamBody(state.request)
+  const fingerprint = defaultFingerprint(state.request)
+  putBack()
+  return claimOrAnswer(state, fingerprint)
+}
+
+/** The store key of the request: its scope, method, path (without the query string) and key. */
+function storeKeyOf (state: RequestState, scope: string | undefined): void {
+  const { url, method } = state.request
+  const queryAt = url.indexOf('?')
+  state.storeKey = state.route.keyEncoder({ scope, method, path: queryAt === -1 ? url : url.slice(0, queryAt), key: state.key as string })
 }
 
 /** The claim loop: one atomic store step, then the answer for what holds the key. */

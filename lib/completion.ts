@@ -146,7 +146,7 @@ export function watchResponse (state: RequestState): void {
     endClaim(state)
     return
   }
-  raw.once('close', () => {
+  raw.on('close', () => { // emitted once, at the end of the response
     state.responseOver = true
     // A handler that returned no promise and never answered: nothing tells when it ends, and
     // its client is gone; it counts as over now (prefer async handlers, which are tracked).

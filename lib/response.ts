@@ -38,15 +38,15 @@ export function captureResponse (reply: FastifyReply, payload: unknown, unsaved:
   if (typeof payload === 'string' || Buffer.isBuffer(payload)) body = payload
   else if (payload === undefined || payload === null) body = EMPTY
   else return null
-  const headers: Record<string, string | string[]> = {}
-  const sent = reply.getHeaders()
-  const named = connectionOptions(sent.connection)
-  for (const name in sent) {
-    const value = sent[name]
-    if (value === undefined || unsaved.has(name) || named.includes(name)) continue
-    headers[name] = typeof value === 'number' ? String(value) : value
+  // getHeaders() gives a fresh object: the unsaved headers are taken out of it in place.
+  const headers = reply.getHeaders() as Record<string, string | string[] | number | undefined>
+  const named = connectionOptions(headers.connection)
+  for (const name in headers) {
+    const value = headers[name]
+    if (value === undefined || unsaved.has(name) || named.includes(name)) delete headers[name]
+    else if (typeof value === 'number') headers[name] = String(value)
   }
-  return { statusCode: reply.statusCode, headers, body }
+  return { statusCode: reply.statusCode, headers: headers as Record<string, string | string[]>, body }
 }
 
 const NONE: readonly string[] = []
