@@ -1,23 +1,30 @@
 /**
  * Store calls that must answer within a fixed time. A store gives every call
  * the same timeout, so deadlines arrive in the order the calls were made: a
- * FIFO of pending calls and one timer, armed for the oldest, does the work
- * of a `setTimeout` per call.
+ * list of the calls still pending, oldest first, and one timer armed for the
+ * oldest do the work of a `setTimeout` per call. A call leaves the list as
+ * soon as it settles, so under load the list holds only what is in flight,
+ * and nothing a settled call needed stays reachable until its deadline.
  */
 import { StoreTimeoutError } from '../errors.js'
 
-interface Pending {
-  at: number
-  settled: boolean
-  reject: (err: Error) => void
-  /** The late answer of a call that timed out goes here (a claim that Redis ran after all must be let go). */
-  late: ((value: unknown) => void) | undefined
-  timedOut: boolean
+class Pending {
+  prev: Pending | undefined = undefined
+  next: Pending | undefined = undefined
+  timedOut = false
+
+  constructor (
+    readonly at: number,
+    public reject: ((err: Error) => void) | undefined,
+    /** The late answer of a call that timed out goes here (a claim that Redis ran after all must be let go). */
+    public late: ((value: unknown) => void) | undefined
+  ) {}
 }
 
 export class Deadlines {
-  private readonly queue: Pending[] = []
-  private head = 0
+  private oldest: Pending | undefined = undefined
+  private newest: Pending | undefined = undefined
+  private pending = 0
   private timer: NodeJS.Timeout | undefined
   private readonly expire = (): void => this.expireDue()
 
@@ -29,25 +36,25 @@ export class Deadlines {
    */
   bound<T> (promise: Promise<T>, late?: (value: T) => void): Promise<T> {
     return new Promise<T>((resolve, reject) => {
-      const pending: Pending = { at: performance.now() + this.timeout, settled: false, reject, late: late as Pending['late'], timedOut: false }
-      this.queue.push(pending)
-      this.timer ??= setTimeout(this.expire, this.timeout).unref()
+      const call = new Pending(performance.now() + this.timeout, reject, late as Pending['late'])
+      this.append(call)
       promise.then((value) => {
-        pending.settled = true
-        if (pending.timedOut) pending.late?.(value)
-        else resolve(value)
+        if (call.timedOut) call.late?.(value)
+        else {
+          this.remove(call)
+          resolve(value)
+        }
+        call.late = undefined
       }, (err: unknown) => {
-        pending.settled = true
+        if (!call.timedOut) this.remove(call)
         reject(err)
       })
     })
   }
 
-  /** Pending calls, timed-out ones that may still answer late excluded (for tests). */
+  /** Calls still waiting for their answer within the timeout (for tests). */
   get size (): number {
-    let n = 0
-    for (let i = this.head; i < this.queue.length; i++) if (!this.queue[i].settled && !this.queue[i].timedOut) n++
-    return n
+    return this.pending
   }
 
   close (): void {
@@ -55,29 +62,34 @@ export class Deadlines {
     this.timer = undefined
   }
 
+  private append (call: Pending): void {
+    call.prev = this.newest
+    if (this.newest === undefined) this.oldest = call
+    else this.newest.next = call
+    this.newest = call
+    this.pending++
+    this.timer ??= setTimeout(this.expire, this.timeout).unref()
+  }
+
+  private remove (call: Pending): void {
+    if (call.prev === undefined) this.oldest = call.next
+    else call.prev.next = call.next
+    if (call.next === undefined) this.newest = call.prev
+    else call.next.prev = call.prev
+    call.prev = call.next = undefined
+    call.reject = undefined
+    this.pending--
+  }
+
   private expireDue (): void {
     this.timer = undefined
     const now = performance.now()
-    const { queue } = this
-    while (this.head < queue.length) {
-      const pending = queue[this.head]
-      if (!pending.settled) {
-        if (pending.at > now) break
-        pending.timedOut = true
-        pending.reject(new StoreTimeoutError(this.timeout))
-      }
-      this.head++
+    for (let call = this.oldest; call !== undefined && call.at <= now; call = this.oldest) {
+      const reject = call.reject as (err: Error) => void
+      this.remove(call)
+      call.timedOut = true
+      reject(new StoreTimeoutError(this.timeout))
     }
-    // Compact once the consumed part dominates, so the array never grows without bound.
-    if (this.head > 1024 && this.head * 2 > queue.length) {
-      queue.splice(0, this.head)
-      this.head = 0
-    }
-    if (this.head < queue.length) {
-      this.timer = setTimeout(this.expire, Math.max(1, queue[this.head].at - now)).unref()
-    } else {
-      queue.length = 0
-      this.head = 0
-    }
+    if (this.oldest !== undefined) this.timer = setTimeout(this.expire, Math.max(1, this.oldest.at - now)).unref()
   }
 }
