@@ -170,26 +170,56 @@ export function endClaim (state: RequestState): void {
   state.token = undefined
   state.route.plugin.leases.drop(state)
   if (state.leaseLost) return // logged when the renewal found it gone: the key is not ours to end
-  if (state.committed !== undefined) {
-    // completeWith saved it in the handler's transaction; if that rolled back, the claim is still ours.
-    call(state, 'release', () => state.route.store.release(state.storeKey, token), (released) => {
-      if (released) state.request.log.warn({ idempotencyKey: state.logKey }, 'idempotency: the transaction of completeWith did not commit; the claim is released')
-    })
-    return
-  }
-  const response = storable(state)
-  if (response === undefined) {
-    call(state, 'release', () => state.route.store.release(state.storeKey, token))
-    return
-  }
+  // A reply that completeWith saved in the handler's transaction is the store's already: if that
+  // transaction rolled back, the claim is still ours, and releasing it tells.
+  const response = state.committed === undefined ? storable(state) : undefined
+  if (response === undefined) release(state, token)
+  else save(state, token, response)
+}
+
+/** Saves the reply; never throws, and a failure is logged. */
+function save (state: RequestState, token: string, response: StoredResponse): void {
   const { route } = state
-  call(state, 'save', () => route.store.complete(state.storeKey, token, response, route.ttl), (saved) => {
-    if (saved) return
-    const vanished = performance.now() < state.heldUntil
-    state.request.log.error({ idempotencyKey: state.logKey }, vanished
-      ? 'idempotency: the record vanished from the store while its claim was held (evicted, or deleted by hand: check maxmemory-policy); the response was not saved'
-      : 'idempotency: the claim expired before the response could be saved (its lease was lost); the response was not saved')
-  })
+  let result: boolean | PromiseLike<boolean>
+  try {
+    result = route.store.complete(state.storeKey, token, response, route.ttl)
+  } catch (err) {
+    return storeCallFailed(state, 'save', err)
+  }
+  if (isThenable(result)) result.then((done) => saved(state, done), (err: unknown) => storeCallFailed(state, 'save', err))
+  else saved(state, result)
+}
+
+function saved (state: RequestState, done: boolean): void {
+  if (done) return
+  const vanished = performance.now() < state.heldUntil
+  state.request.log.error({ idempotencyKey: state.logKey }, vanished
+    ? 'idempotency: the record vanished from the store while its claim was held (evicted, or deleted by hand: check maxmemory-policy); the response was not saved'
+    : 'idempotency: the claim expired before the response could be saved (its lease was lost); the response was not saved')
+}
+
+/** Releases the claim, so that a retry runs the handler; never throws, and a failure is logged. */
+function release (state: RequestState, token: string): void {
+  let result: boolean | PromiseLike<boolean>
+  try {
+    result = state.route.store.release(state.storeKey, token)
+  } catch (err) {
+    return storeCallFailed(state, 'release', err)
+  }
+  if (isThenable(result)) result.then((done) => released(state, done), (err: unknown) => storeCallFailed(state, 'release', err))
+  else released(state, result)
+}
+
+function released (state: RequestState, done: boolean): void {
+  if (done && state.committed !== undefined) {
+    state.request.log.warn({ idempotencyKey: state.logKey }, 'idempotency: the transaction of completeWith did not commit; the claim is released')
+  }
+}
+
+function storeCallFailed (state: RequestState, what: 'save' | 'release', err: unknown): void {
+  state.request.log.error({ err, idempotencyKey: state.logKey }, what === 'save'
+    ? 'idempotency: the response could not be saved; the claim expires after lockTtl'
+    : 'idempotency: the claim could not be released; it expires after lockTtl')
 }
 
 /** The reply to save, or undefined (logged once when the reason is worth knowing). */
@@ -207,20 +237,4 @@ function storable (state: RequestState): StoredResponse | undefined {
     return
   }
   return captured
-}
-
-/** Runs one store call off the request path: synchronous or not, it never throws, and failures are logged. */
-function call<T> (state: RequestState, what: 'save' | 'release', run: () => T | PromiseLike<T>, then?: (result: T) => void): void {
-  const failed = (err: unknown) => {
-    state.request.log.error({ err, idempotencyKey: state.logKey }, what === 'save'
-      ? 'idempotency: the response could not be saved; the claim expires after lockTtl'
-      : 'idempotency: the claim could not be released; it expires after lockTtl')
-  }
-  try {
-    const result = run()
-    if (!isThenable(result)) then?.(result)
-    else result.then((value) => then?.(value), failed)
-  } catch (err) {
-    failed(err)
-  }
 }

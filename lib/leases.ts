@@ -49,6 +49,7 @@ export class LeaseKeeper {
   /** `state` no longer holds its claim (completed, released or lost): no more renewals, no abort. */
   drop (state: RequestState): void {
     this.held.delete(state)
+    if (state.controller === undefined) return // no signal was read: no abort timer
     const timer = this.abortTimers.get(state)
     if (timer !== undefined) {
       clearTimeout(timer)

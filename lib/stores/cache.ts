@@ -11,14 +11,21 @@
  * The cache wraps the store: claims of cached keys answer at once, without a
  * promise; everything else goes to the store.
  */
+import { Queue, type Linked } from '../queue.js'
 import { isThenable } from '../thenable.js'
 import type { ClaimResult, IdempotencyRecord, IdempotencyStore, MaybePromise, StoredResponse } from '../../types/index.js'
 
-interface Copy {
-  /** The answer to a claim of this key: the completed record. */
-  result: { record: IdempotencyRecord }
-  expiresAt: number
-  bytes: number
+class Copy implements Linked<Copy> {
+  prev: Copy | undefined = undefined
+  next: Copy | undefined = undefined
+
+  constructor (
+    readonly key: string,
+    /** The answer to a claim of this key: the completed record. */
+    readonly result: { readonly record: IdempotencyRecord },
+    readonly expiresAt: number,
+    readonly bytes: number
+  ) {}
 }
 
 /** A rough size of a copy: its body, headers and key, plus a fixed overhead. */
@@ -31,6 +38,8 @@ function sizeOf (key: string, response: StoredResponse, fingerprint: string | un
 
 export class ReplayCache implements IdempotencyStore {
   private readonly copies = new Map<string, Copy>()
+  /** Least recently used first. */
+  private readonly used = new Queue<Copy>()
   /** The fingerprints of the claims this process holds, by token, to go with their record once it is saved. */
   private readonly claimed = new Map<string, string | undefined>()
   private bytes = 0
@@ -102,12 +111,11 @@ export class ReplayCache implements IdempotencyStore {
   private get (key: string): Copy | undefined {
     const copy = this.copies.get(key)
     if (copy === undefined) return undefined
-    this.copies.delete(key)
     if (copy.expiresAt <= performance.now()) {
-      this.bytes -= copy.bytes
+      this.drop(copy)
       return undefined
     }
-    this.copies.set(key, copy) // most recently used
+    this.used.toBack(copy)
     return copy
   }
 
@@ -115,18 +123,19 @@ export class ReplayCache implements IdempotencyStore {
     const bytes = sizeOf(key, record.response, record.fingerprint)
     if (bytes > this.maxBytes) return
     const previous = this.copies.get(key)
-    if (previous !== undefined) {
-      this.copies.delete(key)
-      this.bytes -= previous.bytes
-    }
+    if (previous !== undefined) this.drop(previous)
     // The copy answers claims as the store would; it never needs its remaining time.
-    const { expiresIn: _expiresIn, ...kept } = record
-    this.copies.set(key, { result: { record: kept }, expiresAt, bytes })
+    const copy = new Copy(key, { record: { state: 'completed', fingerprint: record.fingerprint, response: record.response } }, expiresAt, bytes)
+    this.copies.set(key, copy)
+    this.used.push(copy)
     this.bytes += bytes
-    for (const [oldest, copy] of this.copies) {
-      if (this.bytes <= this.maxBytes) break
-      this.copies.delete(oldest)
-      this.bytes -= copy.bytes
-    }
+    // The copy just kept fits, so the loop stops before it.
+    while (this.bytes > this.maxBytes) this.drop(this.used.head as Copy)
+  }
+
+  private drop (copy: Copy): void {
+    this.copies.delete(copy.key)
+    this.used.remove(copy)
+    this.bytes -= copy.bytes
   }
 }

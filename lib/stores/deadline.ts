@@ -7,8 +7,9 @@
  * and nothing a settled call needed stays reachable until its deadline.
  */
 import { StoreTimeoutError } from '../errors.js'
+import { Queue, type Linked } from '../queue.js'
 
-class Pending {
+class Pending implements Linked<Pending> {
   prev: Pending | undefined = undefined
   next: Pending | undefined = undefined
   timedOut = false
@@ -22,9 +23,8 @@ class Pending {
 }
 
 export class Deadlines {
-  private oldest: Pending | undefined = undefined
-  private newest: Pending | undefined = undefined
-  private pending = 0
+  /** The calls still waiting within their timeout, oldest first. */
+  private readonly pending = new Queue<Pending>()
   private timer: NodeJS.Timeout | undefined
   private readonly expire = (): void => this.expireDue()
 
@@ -54,7 +54,7 @@ export class Deadlines {
 
   /** Calls still waiting for their answer within the timeout (for tests). */
   get size (): number {
-    return this.pending
+    return this.pending.length
   }
 
   close (): void {
@@ -63,33 +63,24 @@ export class Deadlines {
   }
 
   private append (call: Pending): void {
-    call.prev = this.newest
-    if (this.newest === undefined) this.oldest = call
-    else this.newest.next = call
-    this.newest = call
-    this.pending++
+    this.pending.push(call)
     this.timer ??= setTimeout(this.expire, this.timeout).unref()
   }
 
   private remove (call: Pending): void {
-    if (call.prev === undefined) this.oldest = call.next
-    else call.prev.next = call.next
-    if (call.next === undefined) this.newest = call.prev
-    else call.next.prev = call.prev
-    call.prev = call.next = undefined
+    this.pending.remove(call)
     call.reject = undefined
-    this.pending--
   }
 
   private expireDue (): void {
     this.timer = undefined
     const now = performance.now()
-    for (let call = this.oldest; call !== undefined && call.at <= now; call = this.oldest) {
+    for (let call = this.pending.head; call !== undefined && call.at <= now; call = this.pending.head) {
       const reject = call.reject as (err: Error) => void
       this.remove(call)
       call.timedOut = true
       reject(new StoreTimeoutError(this.timeout))
     }
-    if (this.oldest !== undefined) this.timer = setTimeout(this.expire, Math.max(1, this.oldest.at - now)).unref()
+    if (this.pending.head !== undefined) this.timer = setTimeout(this.expire, Math.max(1, this.pending.head.at - now)).unref()
   }
 }
