@@ -65,6 +65,15 @@ export async function until (check: () => boolean, tries = 400): Promise<void> {
   if (!check()) throw new Error(`until(): still false after ${tries} tries (${tries * 5} ms): ${check.toString()}`)
 }
 
+/** Waits until `check` (synchronous or not) holds, looking every 20 ms; throws, naming `what`, after `limit` ms. */
+export async function eventually (what: string, check: () => boolean | Promise<boolean>, limit = 10_000): Promise<void> {
+  const deadline = Date.now() + limit
+  while (!await check()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
+    await sleep(20)
+  }
+}
+
 /**
  * A MemoryStore whose methods can be made to throw, and which counts calls.
  * `failing.claim = true` makes the next claims throw, and so on.

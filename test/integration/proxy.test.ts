@@ -5,6 +5,7 @@ import { createConnection, createServer, type Server, type Socket } from 'node:n
 import { setTimeout as sleep } from 'node:timers/promises'
 import { freePort, HOST } from '../../support/processes.js'
 import { startProxy, type Proxy } from '../../support/proxy.js'
+import { eventually } from '../helpers/app.js'
 
 /** An echo server that also keeps everything it received, per connection. */
 async function startEcho (): Promise<{ server: Server, port: number, received: () => string, push: (text: string) => void }> {
@@ -42,14 +43,6 @@ async function client (proxy: Proxy): Promise<{ socket: Socket, data: () => stri
   return { socket, data: () => data, ended: () => ended }
 }
 
-async function until (what: string, check: () => boolean, limit = 5000): Promise<void> {
-  const deadline = Date.now() + limit
-  while (!check()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
-    await sleep(10)
-  }
-}
-
 t.test('pass copies bytes both ways', async (t) => {
   const echo = await startEcho()
   t.teardown(() => echo.server.close())
@@ -57,11 +50,11 @@ t.test('pass copies bytes both ways', async (t) => {
   t.teardown(() => proxy.stop())
   const c = await client(proxy)
   c.socket.write('hello')
-  await until('the echo', () => c.data() === 'hello')
+  await eventually('the echo', () => c.data() === 'hello')
   t.equal(echo.received(), 'hello')
   t.equal(proxy.connections, 1)
   c.socket.destroy()
-  await until('the proxy to notice', () => proxy.connections === 0)
+  await eventually('the proxy to notice', () => proxy.connections === 0)
   t.pass('a client that leaves closes its pair')
 })
 
@@ -72,7 +65,7 @@ t.test('blackhole keeps the connection open and loses the bytes both ways, witho
   t.teardown(() => proxy.stop())
   const c = await client(proxy)
   c.socket.write('a')
-  await until('the first echo', () => c.data() === 'a')
+  await eventually('the first echo', () => c.data() === 'a')
 
   proxy.blackhole()
   c.socket.write('lost')
@@ -86,7 +79,7 @@ t.test('blackhole keeps the connection open and loses the bytes both ways, witho
 
   proxy.pass()
   c.socket.write('b')
-  await until('the echo after pass()', () => c.data() === 'ab')
+  await eventually('the echo after pass()', () => c.data() === 'ab')
   t.equal(echo.received(), 'ab', 'the bytes sent meanwhile are gone for good')
 })
 
@@ -97,16 +90,16 @@ t.test('a blackhole also swallows what the server sends on its own', async (t) =
   t.teardown(() => proxy.stop())
   const c = await client(proxy)
   c.socket.write('>')
-  await until('the connection to reach the server', () => c.data() === '>')
+  await eventually('the connection to reach the server', () => c.data() === '>')
   echo.push('hi')
-  await until('the push', () => c.data() === '>hi')
+  await eventually('the push', () => c.data() === '>hi')
   proxy.blackhole()
   echo.push('gone')
   await sleep(200)
   t.equal(c.data(), '>hi', 'the server\'s bytes are lost on the way out')
   proxy.pass()
   echo.push('!')
-  await until('the push after pass()', () => c.data() === '>hi!')
+  await eventually('the push after pass()', () => c.data() === '>hi!')
 })
 
 t.test('drop resets every connection, and new ones until pass()', async (t) => {
@@ -116,7 +109,7 @@ t.test('drop resets every connection, and new ones until pass()', async (t) => {
   t.teardown(() => proxy.stop())
   const c = await client(proxy)
   proxy.drop()
-  await until('the reset', () => c.ended() !== undefined)
+  await eventually('the reset', () => c.ended() !== undefined)
   t.equal(c.ended(), 'ECONNRESET', 'the client sees a reset, not a clean close')
   t.equal(proxy.connections, 0)
 
@@ -127,7 +120,7 @@ t.test('drop resets every connection, and new ones until pass()', async (t) => {
   proxy.pass()
   const again = await client(proxy)
   again.socket.write('back')
-  await until('the echo', () => again.data() === 'back')
+  await eventually('the echo', () => again.data() === 'back')
   t.pass('after pass() connections work again')
 })
 
@@ -146,7 +139,7 @@ t.test('delay delivers every byte that much later, in order, both ways', async (
   t.equal(echo.received(), '', 'not yet at the server')
   proxy.pass() // what was delayed still comes first
   c.socket.write('3')
-  await until('every echo', () => c.data() === '123')
+  await eventually('every echo', () => c.data() === '123')
   t.equal(echo.received(), '123', 'in the order sent')
   t.ok(performance.now() - start >= 150, 'the first byte took at least the delay')
 })
@@ -155,7 +148,7 @@ t.test('a target that is down closes the client connection', async (t) => {
   const proxy = await startProxy(await freePort())
   t.teardown(() => proxy.stop())
   const c = await client(proxy)
-  await until('the close', () => c.ended() !== undefined)
+  await eventually('the close', () => c.ended() !== undefined)
   t.ok(c.ended() === 'closed' || c.ended() === 'ECONNRESET', `closed (${c.ended()})`)
 })
 
@@ -165,7 +158,7 @@ t.test('stop() closes every connection and the port', async (t) => {
   const proxy = await startProxy(echo.port)
   const open = await client(proxy)
   await proxy.stop()
-  await until('stop() to close the open connection', () => open.ended() !== undefined)
+  await eventually('stop() to close the open connection', () => open.ended() !== undefined)
   t.equal(proxy.connections, 0)
   const refused = createConnection({ host: HOST, port: proxy.port })
   const [err] = await once(refused, 'error') as [NodeJS.ErrnoException]

@@ -12,6 +12,7 @@ import { startProxy } from '../../support/proxy.js'
 import { startRedis, uniquePrefix, withRedis, type RedisServer } from '../../support/redis.js'
 import { BINARY, sampleResponse } from '../helpers/store-contract.js'
 import type { RouteCounters } from '../../types/index.js'
+import { eventually } from '../helpers/app.js'
 
 const LONG = 60_000
 const ZERO: RouteCounters = { executed: 0, replayed: 0, conflicts: 0, mismatches: 0, missingKeys: 0, invalidKeys: 0, storeErrors: 0, lastDuplicateAt: 0 }
@@ -32,14 +33,6 @@ function readerOf (store: RedisStore): Redis {
 /** Store calls waiting for their deadline, timed-out ones excluded. */
 function pendingDeadlines (store: RedisStore): number {
   return (store as unknown as { deadlines: { size: number } }).deadlines.size
-}
-
-async function until (what: string, check: () => boolean | Promise<boolean>, limit = 10_000): Promise<void> {
-  const deadline = Date.now() + limit
-  while (!await check()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
-    await sleep(20)
-  }
 }
 
 withRedis(t, (t) => {
@@ -128,10 +121,10 @@ withRedis(t, (t) => {
 
       await admin.config('SET', 'maxmemory-policy', 'allkeys-lru')
       await blip(client)
-      await until('the warning', () => warnings.length === 1)
+      await eventually('the warning', () => warnings.length === 1)
       t.match(warnings[0], /maxmemory-policy allkeys-lru/)
       await blip(client)
-      await until('the second warning', () => warnings.length === 2)
+      await eventually('the second warning', () => warnings.length === 2)
       t.match(warnings[1], /maxmemory-policy allkeys-lru/, 'warned again')
       await admin.config('SET', 'maxmemory-policy', 'noeviction')
       await blip(client)
@@ -149,12 +142,12 @@ withRedis(t, (t) => {
 
       await admin.config('SET', 'maxmemory-policy', 'volatile-lru')
       await blip(client)
-      await until('claims to be refused', async () => await s.claim('k', 'fp', LONG).then(() => false, (err) => err.code === 'FST_IDEMPOTENCY_REDIS_EVICTION'))
+      await eventually('claims to be refused', async () => await s.claim('k', 'fp', LONG).then(() => false, (err) => err.code === 'FST_IDEMPOTENCY_REDIS_EVICTION'))
       t.ok(await s.complete('held', held, sampleResponse(), LONG), 'the request that holds a claim still saves')
 
       await admin.config('SET', 'maxmemory-policy', 'noeviction')
       await blip(client)
-      await until('claims to be accepted', async () => await s.claim('k2', 'fp', LONG).then((result) => result.token !== undefined, () => false))
+      await eventually('claims to be accepted', async () => await s.claim('k2', 'fp', LONG).then((result) => result.token !== undefined, () => false))
       t.pass('accepted again')
     })
 
@@ -167,7 +160,7 @@ withRedis(t, (t) => {
       await t.rejects(s.verify(), { message: /unknown command/i })
       t.type((await s.claim('k', 'fp', LONG)).token, 'string', 'a failed check refuses nothing by itself: the plugin fails its start-up')
       await blip(client)
-      await until('the warning', () => warnings.length === 1)
+      await eventually('the warning', () => warnings.length === 1)
       t.match(warnings[0], /^FST_IDEMPOTENCY_REDIS_EVICTION: Could not check the maxmemory-policy of Redis after a reconnect: .*unknown command/i)
 
       const silent = store(t, client)
@@ -286,13 +279,13 @@ withRedis(t, (t) => {
 
     proxy.pass()
     const healed = performance.now()
-    await until('a claim to succeed again', async () => (await s.claim('after', 'fp', LONG).catch(() => ({ token: undefined }))).token !== undefined, 20_000)
+    await eventually('a claim to succeed again', async () => (await s.claim('after', 'fp', LONG).catch(() => ({ token: undefined }))).token !== undefined, 20_000)
     const recovery = performance.now() - healed
     t.pass(`recovered ${Math.round(recovery)} ms after the network healed`)
-    await until('a lookup to succeed again', async () => (await s.lookup('after').catch(() => undefined))?.state === 'in-flight', 20_000)
+    await eventually('a lookup to succeed again', async () => (await s.lookup('after').catch(() => undefined))?.state === 'in-flight', 20_000)
     const admin = connect(t, server.port)
     // Claims that ioredis sent again after reconnecting ran late; their replies released them.
-    await until('the late claims to be released', async () => (await admin.keys(`${s.prefix}{during-*`)).length === 0, 10_000)
+    await eventually('the late claims to be released', async () => (await admin.keys(`${s.prefix}{during-*`)).length === 0, 10_000)
     t.pass('no claim of the outage is left holding its key')
     t.comment(`figures: ${sent} claims and ${sent} lookups in 6 s (${Math.round(rate)}/s each); ioredis held at most ${maxHeld} commands; ` +
       `${maxPending} deadlines at most; slowest failure ${Math.round(slowest)} ms; recovery ${Math.round(recovery)} ms`)

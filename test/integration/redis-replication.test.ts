@@ -13,16 +13,9 @@ import { RedisStore, type RedisStoreOptions } from '../../lib/stores/redis.js'
 import { startProxy } from '../../support/proxy.js'
 import { startRedis, uniquePrefix, withRedis, type RedisServer } from '../../support/redis.js'
 import { sampleResponse } from '../helpers/store-contract.js'
+import { eventually } from '../helpers/app.js'
 
 const LONG = 60_000
-
-async function until (what: string, check: () => boolean | Promise<boolean>, limit = 10_000): Promise<void> {
-  const deadline = Date.now() + limit
-  while (!await check()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
-    await sleep(20)
-  }
-}
 
 withRedis(t, (t) => {
   let primary: RedisServer
@@ -107,7 +100,7 @@ withRedis(t, (t) => {
 
     const marker = `mark-${Math.random()}`
     await client.echo(marker)
-    await until('the monitor to log everything', () => lines.some((line) => line.includes(marker)))
+    await eventually('the monitor to log everything', () => lines.some((line) => line.includes(marker)))
     // What the client sent (not what the scripts ran: ' lua]' lines), scripts by SHA or by source alike.
     const names = lines.filter((line) => !line.includes(' lua]') && (line.includes(s.prefix) || /"wait"/.test(line)))
       .map((line) => /\] "(\w+)"/.exec(line)?.[1]?.replace(/^evalsha$/, 'eval'))
@@ -130,7 +123,7 @@ withRedis(t, (t) => {
     t.equal((await replay).record?.state, 'completed', 'the replay is answered')
     t.strictSame(order, ['replay'], 'at once, while the WAIT of its turn still waits')
     await t.rejects(claim, { code: 'FST_IDEMPOTENCY_NOT_REPLICATED', message: 'Redis acknowledged the write on 0 of 1 replicas within 1000 ms' })
-    await until('the claim to be released', async () => await client.exists(s.redisKey('new')) === 0)
+    await eventually('the claim to be released', async () => await client.exists(s.redisKey('new')) === 0)
     t.pass('the unreplicated claim is let go: a retry can claim the key')
 
     await t.rejects(s.complete('running', running, sampleResponse(), LONG), { code: 'FST_IDEMPOTENCY_NOT_REPLICATED' },
@@ -151,7 +144,7 @@ withRedis(t, (t) => {
     const client = connect(t, server.port)
     const s = store(t, client)
     await t.rejects(s.claim('k', 'fp', LONG), { message: /unknown command/i })
-    await until('the claim to be released', async () => await client.exists(s.redisKey('k')) === 0)
+    await eventually('the claim to be released', async () => await client.exists(s.redisKey('k')) === 0)
     t.pass('released')
   })
 
