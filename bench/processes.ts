@@ -94,6 +94,7 @@ export interface ServerProcess {
 export interface ServerOptions {
   core?: number
   redisUrl?: string
+  postgresUrl?: string
   verify?: boolean
   nodeArgs?: string[]
   plugin?: string
@@ -123,6 +124,7 @@ export async function startServer (name: string, options: ServerOptions): Promis
   const env: Record<string, string> = { BENCH_CONFIG: name }
   if (options.plugin !== undefined) env.BENCH_PLUGIN = options.plugin
   if (options.redisUrl !== undefined) env.BENCH_REDIS_URL = options.redisUrl
+  if (options.postgresUrl !== undefined) env.BENCH_POSTGRES_URL = options.postgresUrl
   if (options.verify === true) env.BENCH_VERIFY = '1'
   const nodeArgs = [...options.nodeArgs ?? []]
   const { cpuProfile } = options

@@ -24,6 +24,7 @@ import { join, relative } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { pathToFileURL } from 'node:url'
 import { parseArgs } from 'node:util'
+import { postgresAvailable, startPostgres } from '../support/postgres.js'
 import { redisAvailable, startRedis } from '../support/redis.js'
 import { startLoad, startServer, tasksetWorks, type LoadProcess } from './processes.js'
 import { aboveFloors, aggregate, floorTable, machine, median, table, type Machine, type Measurement } from './report.js'
@@ -124,39 +125,124 @@ function buildPlugin (): string | undefined {
   return pathToFileURL(entry).href
 }
 
-interface Redis {
+/** What a configuration's server talks to: one Redis, a Redis with its replica, or a PostgreSQL, started once per run. */
+interface Backend {
+  /** The URL the server gets: BENCH_REDIS_URL or BENCH_POSTGRES_URL. */
   url: string
-  /** CPU redis-server has used so far, µs. */
+  /** CPU its processes have used so far, µs. */
   cpu (): Promise<number>
+  /** Empties it between measurements. */
   flush (): Promise<void>
   stop (): Promise<void>
 }
 
-/** A redis-server of our own on a free loopback port, persistence off, pinned with the load generator. */
-async function redisServer (): Promise<Redis | undefined> {
-  if (!redisAvailable) return undefined
-  const server = await startRedis()
-  // -a: every thread of redis-server (its background threads too), not only the main one.
-  if (LOAD_CORE !== undefined) spawnSync('taskset', ['-apc', String(LOAD_CORE), String(server.pid)], { stdio: 'ignore' })
+type BackendKind = 'redis' | 'redis-replica' | 'postgres'
+
+function backendOf (name: string): BackendKind | undefined {
+  const c = configuration(name)
+  return c.postgres === true ? 'postgres' : c.replica === true ? 'redis-replica' : c.redis ? 'redis' : undefined
+}
+
+/** -a: every thread of the process, not only the main one; processes it forks later inherit the core. */
+function pinWithLoad (pid: number): void {
+  if (LOAD_CORE !== undefined) spawnSync('taskset', ['-apc', String(LOAD_CORE), String(pid)], { stdio: 'ignore' })
+}
+
+/** user + system CPU of a process from /proc, µs; with `children`, of its waited-for children too. */
+function processCpu (pid: number, children: boolean): number {
+  try {
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8')
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ').map(Number)
+    const [utime, stime, cutime, cstime] = fields.slice(11, 15)
+    return (utime + stime + (children ? cutime + cstime : 0)) * 1e6 / clockTicks
+  } catch {
+    return 0 // it has exited
+  }
+}
+
+/** The PostgreSQL version of this run, once its server is up. */
+let postgresVersion: string | undefined
+
+/** A redis-server of our own on a free loopback port, persistence off, pinned with the load generator; with `replica`, a replica of it too, in sync. */
+async function redisBackend (replica: boolean): Promise<Backend> {
+  const primary = await startRedis()
+  const servers = [primary]
   const { Redis: Client } = await import('ioredis')
-  const client = new Client({ host: '127.0.0.1', port: server.port, lazyConnect: true })
+  const clients: Array<InstanceType<typeof Client>> = []
+  try {
+    if (replica) servers.push(await startRedis({ replicaOf: primary.port }))
+    for (const server of servers) {
+      pinWithLoad(server.pid)
+      const client = new Client({ host: '127.0.0.1', port: server.port, lazyConnect: true })
+      clients.push(client)
+      await client.connect()
+    }
+  } catch (err) {
+    for (const client of clients) client.disconnect() // or it keeps reconnecting, and this process alive
+    for (const server of servers) await server.stop()
+    throw err
+  }
+  return {
+    url: primary.url,
+    async cpu () {
+      let total = 0
+      for (const client of clients) {
+        const info = await client.info('cpu')
+        const field = (name: string) => Number(new RegExp(name + ':([\\d.]+)').exec(info)?.[1] ?? 0)
+        total += (field('used_cpu_sys') + field('used_cpu_user')) * 1e6
+      }
+      return total
+    },
+    async flush () {
+      await clients[0].flushall()
+      // The replica gets the FLUSHALL through the replication stream: wait for it, so that the next measurement starts in sync.
+      if (replica) await clients[0].wait(1, 5000)
+    },
+    async stop () {
+      for (const client of clients) client.disconnect()
+      for (const server of servers) await server.stop()
+    }
+  }
+}
+
+/**
+ * A PostgreSQL cluster of our own (support/postgres.ts: fsync and synchronous
+ * commit off, as a test cluster), pinned with the load generator. Its CPU:
+ * the postmaster, the server processes running now (one per connection, and
+ * the background ones), and those that have exited.
+ */
+async function postgresBackend (): Promise<Backend> {
+  const server = await startPostgres()
+  const postmaster = server.pid
+  const serverProcesses = () => {
+    const found = spawnSync('pgrep', ['-P', String(postmaster)], { encoding: 'utf8' }).stdout
+    return found.split('\n').filter(Boolean).map(Number)
+  }
+  pinWithLoad(postmaster)
+  for (const pid of serverProcesses()) pinWithLoad(pid)
+  const { default: pg } = await import('pg')
+  const client = new pg.Client({ connectionString: server.connectionString })
   try {
     await client.connect()
+    postgresVersion = (await client.query<{ server_version: string }>('SHOW server_version')).rows[0].server_version
   } catch (err) {
-    client.disconnect() // or it keeps reconnecting, and this process alive
+    await client.end().catch(() => {})
     await server.stop()
     throw err
   }
   return {
-    url: server.url,
+    url: server.connectionString,
     async cpu () {
-      const info = await client.info('cpu')
-      const field = (name: string) => Number(new RegExp(name + ':([\\d.]+)').exec(info)?.[1] ?? 0)
-      return (field('used_cpu_sys') + field('used_cpu_user')) * 1e6
+      return processCpu(postmaster, true) + serverProcesses().reduce((sum, pid) => sum + processCpu(pid, false), 0)
     },
-    async flush () { await client.flushall() },
+    async flush () {
+      // The plugin's tables (records and stats), whatever their names: everything in the public schema.
+      const { rows } = await client.query<{ name: string }>("SELECT quote_ident(tablename) AS name FROM pg_tables WHERE schemaname = 'public'")
+      if (rows.length > 0) await client.query(`TRUNCATE ${rows.map((r) => r.name).join(', ')}`)
+    },
     async stop () {
-      client.disconnect()
+      await client.end()
       await server.stop()
     }
   }
@@ -196,10 +282,11 @@ let plugin: string | undefined
 const profiles = new Set<string>()
 
 /** One measurement: a fresh server, seeded, warmed up, measured. */
-async function measure (load: LoadProcess, name: string, scenario: ScenarioName, round: number, redis: Redis | undefined, checks: Checked[]): Promise<Measurement> {
+async function measure (load: LoadProcess, name: string, scenario: ScenarioName, round: number, backend: Backend | undefined, checks: Checked[]): Promise<Measurement> {
   // A measurement taken again (another process was busy) writes over its profile: the file is the last attempt's.
   const cpuProfile = args.profile ? join(PROFILES, `${name}.${scenario}.r${round}.cpuprofile`) : undefined
-  const server = await startServer(name, { core: SERVER_CORE, redisUrl: configuration(name).redis ? redis?.url : undefined, verify: args.verify, plugin, cpuProfile })
+  const url = backendOf(name) === 'postgres' ? { postgresUrl: backend?.url } : { redisUrl: backend?.url }
+  const server = await startServer(name, { core: SERVER_CORE, ...url, verify: args.verify, plugin, cpuProfile })
   try {
     const prefix = `${runId}-${(++cell).toString(36).padStart(4, '0')}-`
     const base = { url: server.url, scenario, connections, prefix }
@@ -209,16 +296,16 @@ async function measure (load: LoadProcess, name: string, scenario: ScenarioName,
     const before = await server.stats()
     const busyBefore = machineBusyMicros()
     const ownBefore = process.cpuUsage()
-    const redisBefore = await redis?.cpu() ?? 0
+    const backendBefore = await backend?.cpu() ?? 0
     const result = await load.run({ ...base, duration })
     const busyAfter = machineBusyMicros()
     const own = process.cpuUsage(ownBefore)
     const after = await server.stats()
-    const redisCpu = (await redis?.cpu() ?? 0) - redisBefore
+    const backendCpu = (await backend?.cpu() ?? 0) - backendBefore
     // What other processes used meanwhile (another test run, a package install…), in cores.
     const noise = busyBefore === undefined || busyAfter === undefined
       ? 0
-      : Math.max(0, busyAfter - busyBefore - (after.cpuMicros - before.cpuMicros) - result.cpuMicros - own.user - own.system - redisCpu) / (result.seconds * 1e6)
+      : Math.max(0, busyAfter - busyBefore - (after.cpuMicros - before.cpuMicros) - result.cpuMicros - own.user - own.system - backendCpu) / (result.seconds * 1e6)
     checks.push({ config: name, scenario, round, stats: after, before, keysSent: result.keysSent, statusCodes: result.statusCodes })
     if (result.requests === 0) throw new Error(`${name} ${scenario}: no response at all (errors ${result.errors}, timeouts ${result.timeouts})`)
     // Per request the server took in over the measured window: the server's CPU covers the requests still
@@ -242,7 +329,7 @@ async function measure (load: LoadProcess, name: string, scenario: ScenarioName,
   } finally {
     await server.stop()
     if (cpuProfile !== undefined && existsSync(cpuProfile)) profiles.add(cpuProfile)
-    await redis?.flush()
+    await backend?.flush()
   }
 }
 
@@ -265,11 +352,11 @@ async function waitForQuiet (): Promise<void> {
 }
 
 /** measure(), again on a fresh server while other processes were busy meanwhile; the quietest attempt is kept. */
-async function measureQuietly (load: LoadProcess, name: string, scenario: ScenarioName, round: number, redis: Redis | undefined, checks: Checked[]): Promise<Measurement> {
+async function measureQuietly (load: LoadProcess, name: string, scenario: ScenarioName, round: number, backend: Backend | undefined, checks: Checked[]): Promise<Measurement> {
   let best: Measurement | undefined
   for (let attempt = 1; attempt <= attempts; attempt++) {
     await waitForQuiet()
-    const m = await measure(load, name, scenario, round, redis, checks)
+    const m = await measure(load, name, scenario, round, backend, checks)
     if (best === undefined || m.noise < best.noise) best = m
     if (m.noise <= maxNoise) break
     console.log(`  (other processes used ${m.noise.toFixed(2)} cores during ${name} ${scenario}${attempt < attempts ? ': measuring again' : ''})`)
@@ -278,7 +365,8 @@ async function measureQuietly (load: LoadProcess, name: string, scenario: Scenar
 }
 
 function describe (m: Machine): string {
-  return `${m.cores} cores (nproc), ${m.cpu}, Node.js ${m.node}, ${m.os}` + (m.redis === undefined ? ', no redis-server' : `, redis-server ${m.redis}`)
+  return `${m.cores} cores (nproc), ${m.cpu}, Node.js ${m.node}, ${m.os}` + (m.redis === undefined ? ', no redis-server' : `, redis-server ${m.redis}`) +
+    (postgresVersion === undefined ? '' : `, PostgreSQL ${postgresVersion}`)
 }
 
 function commandLine (): string {
@@ -290,14 +378,19 @@ async function benchmark (): Promise<void> {
   const scenarios = selectedScenarios()
   const selected = selectedConfigurations()
   plugin = buildPlugin()
-  const redis = selected.some((name) => configuration(name).redis) ? await redisServer() : undefined
-  const skipped = redis === undefined ? selected.filter((name) => configuration(name).redis) : []
-  const names = selected.filter((name) => !skipped.includes(name))
-  const host = machine()
   const notes: string[] = []
-  if (skipped.length > 0) {
-    notes.push(`SKIPPED ${skipped.join(', ')}: redis-server is not installed (apt-get install redis-server); the Redis configurations need a local one.`)
+  const skip = (kinds: BackendKind[], why: string) => {
+    const skipped = selected.filter((name) => kinds.includes(backendOf(name) as BackendKind))
+    if (skipped.length > 0) notes.push(`SKIPPED ${skipped.join(', ')}: ${why}`)
+    return skipped
   }
+  const skipped = [
+    ...redisAvailable ? [] : skip(['redis', 'redis-replica'], 'redis-server is not installed (apt-get install redis-server); the Redis configurations need a local one.'),
+    ...postgresAvailable ? [] : skip(['postgres'], 'PostgreSQL is not installed (apt-get install postgresql); the PostgreSQL configuration needs a local one.')
+  ]
+  const names = selected.filter((name) => !skipped.includes(name))
+  const backends = new Map<BackendKind, Backend>()
+  const host = machine()
   if (!tasksetWorks) notes.push('taskset is not available: server and load generator are not pinned to separate cores.')
   for (const note of notes) console.log(note)
   console.log(`machine: ${describe(host)}`)
@@ -308,11 +401,16 @@ async function benchmark (): Promise<void> {
   const started = Date.now()
   let load: LoadProcess | undefined
   try {
+    for (const kind of new Set(names.map(backendOf))) {
+      if (kind === undefined) continue
+      backends.set(kind, kind === 'postgres' ? await postgresBackend() : await redisBackend(kind === 'redis-replica'))
+    }
     load = await startLoad(LOAD_CORE)
     for (let round = 1; round <= rounds; round++) {
       for (const scenario of scenarios) {
         for (const name of names) {
-          const m = await measureQuietly(load, name, scenario, round, redis, checks)
+          const kind = backendOf(name)
+          const m = await measureQuietly(load, name, scenario, round, kind === undefined ? undefined : backends.get(kind), checks)
           measurements.push(m)
           console.log(`round ${round} ${scenario.padEnd(8)} ${name.padEnd(20)} ${Math.round(m.rps).toString().padStart(6)} req/s  p50 ${m.p50.toFixed(2)} ms  p99 ${m.p99.toFixed(2)} ms  ${m.cpuPerRequest.toFixed(1)} µs CPU/req  handler ${m.handlerShare.toFixed(3)}/req${m.non2xx > 0 ? `  non-2xx ${m.non2xx} (statuses ${JSON.stringify(m.statusCodes)})` : ''}`)
         }
@@ -320,7 +418,7 @@ async function benchmark (): Promise<void> {
     }
   } finally {
     await load?.stop()
-    await redis?.stop()
+    for (const backend of backends.values()) await backend.stop()
   }
 
   const rows = aggregate(measurements)

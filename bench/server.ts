@@ -27,6 +27,7 @@ const pluginEntry = process.env.BENCH_PLUGIN ?? '../index.js'
 const loadPlugin = () => import(pluginEntry) as Promise<Plugin>
 const name = process.env.BENCH_CONFIG ?? ''
 const redisUrl = process.env.BENCH_REDIS_URL
+const postgresUrl = process.env.BENCH_POSTGRES_URL
 const verify = process.env.BENCH_VERIFY === '1'
 
 let requests = 0
@@ -74,12 +75,24 @@ async function fastifyApp (): Promise<FastifyInstance> {
       break
     }
     case 'idempotency-redis':
-    case 'idempotency-redis-nocache': {
+    case 'idempotency-redis-nocache':
+    case 'idempotency-redis-replicas': {
       const { default: fastifyIdempotency } = await loadPlugin()
       const { default: fastifyRedis } = await import('@fastify/redis')
       await app.register(fastifyRedis, { url: redisUrl })
       // Without the replay cache, every replay is a claim in Redis: what a process that did not see the record pays.
-      await app.register(fastifyIdempotency, { store: 'redis', ...(name === 'idempotency-redis-nocache' ? { replayCache: 0 } : {}) })
+      // With replicas, every claim and save waits for the replica's acknowledgement (WAIT).
+      const options = name === 'idempotency-redis-nocache'
+        ? { replayCache: 0 }
+        : name === 'idempotency-redis-replicas' ? { redis: { replicas: 1 } } : {}
+      await app.register(fastifyIdempotency, { store: 'redis', ...options })
+      break
+    }
+    case 'idempotency-postgres': {
+      const { default: fastifyIdempotency } = await loadPlugin()
+      const { default: fastifyPostgres } = await import('@fastify/postgres')
+      await app.register(fastifyPostgres, { connectionString: postgresUrl })
+      await app.register(fastifyIdempotency, { store: 'postgres' })
       break
     }
     case 'node-idem-memory':
@@ -159,8 +172,9 @@ function stats (): ServerStats {
 }
 
 async function main (): Promise<void> {
-  const { framework, redis } = configuration(name)
+  const { framework, redis, postgres } = configuration(name)
   if (redis && redisUrl === undefined) throw new Error(`${name} needs BENCH_REDIS_URL`)
+  if (postgres === true && postgresUrl === undefined) throw new Error(`${name} needs BENCH_POSTGRES_URL`)
   let server: Server
   let close: () => Promise<unknown>
   if (framework === 'fastify') {

@@ -15,6 +15,10 @@ export interface Configuration {
   framework: 'fastify' | 'express'
   baseline: string
   redis: boolean
+  /** Also a Redis replica of that redis-server, in sync before the server starts. */
+  replica?: boolean
+  /** A PostgreSQL server of the run's own. */
+  postgres?: boolean
   /**
    * This plugin's configurations: per scenario, the configuration that does only
    * the work the plugin cannot avoid there, and that its CPU per request is read
@@ -35,6 +39,8 @@ export const CONFIGURATIONS: Configuration[] = [
   { name: 'idempotency-memory', framework: 'fastify', baseline: 'fastify', redis: false, floor: BARE_FLOOR },
   { name: 'idempotency-redis', framework: 'fastify', baseline: 'fastify', redis: true, floor: REDIS_FLOOR },
   { name: 'idempotency-redis-nocache', framework: 'fastify', baseline: 'fastify', redis: true, floor: REDIS_FLOOR },
+  { name: 'idempotency-redis-replicas', framework: 'fastify', baseline: 'fastify', redis: true, replica: true, floor: REDIS_FLOOR },
+  { name: 'idempotency-postgres', framework: 'fastify', baseline: 'fastify', redis: false, postgres: true },
   { name: 'node-idem-memory', framework: 'fastify', baseline: 'fastify', redis: false },
   { name: 'node-idem-redis', framework: 'fastify', baseline: 'fastify', redis: true },
   { name: 'powertools-redis', framework: 'fastify', baseline: 'fastify', redis: true },

@@ -97,6 +97,8 @@ export interface PostgresServer {
   port: number
   /** `postgres://postgres@127.0.0.1:<port>/postgres` (trust authentication, loopback only). */
   connectionString: string
+  /** The pid of the running postmaster, the parent of every server process (it changes with `restart()`). */
+  readonly pid: number
   /** The server's log so far, for failure messages. */
   log (): string
   /** Stops the server at once, as a crash would (`pg_ctl stop -m immediate`: no checkpoint, recovery on restart). */
@@ -187,6 +189,8 @@ export async function startPostgres (options: PostgresServerOptions = {}): Promi
     return {
       port,
       connectionString: `postgres://postgres@${HOST}:${port}/postgres`,
+      // postmaster.pid: the pid on its first line, while the server runs.
+      get pid () { return Number(readFileSync(join(data, 'postmaster.pid'), 'utf8').split('\n', 1)[0]) },
       log,
       crash: stopNow,
       async restart () {
