@@ -482,10 +482,15 @@ async function memoryRun (): Promise<void> {
   plugin = buildPlugin()
   const load = await startLoad(LOAD_CORE)
   const report: string[] = []
+  let backend: Backend | undefined
   try {
     for (const name of names) {
-      if (configuration(name).redis) throw new Error('the memory run is for in-process stores')
-      const server = await startServer(name, { core: SERVER_CORE, nodeArgs: ['--expose-gc'], plugin })
+      const kind = backendOf(name)
+      if (kind === 'postgres') throw new Error('the memory run is for the memory and Redis stores')
+      if (kind !== undefined && !redisAvailable) throw new Error(`${name} needs redis-server (apt-get install redis-server)`)
+      await backend?.stop()
+      backend = kind === undefined ? undefined : await redisBackend(kind === 'redis-replica')
+      const server = await startServer(name, { core: SERVER_CORE, nodeArgs: ['--expose-gc'], plugin, redisUrl: backend?.url })
       const lines: string[] = []
       const line = (label: string, s: ServerStats) => {
         const text = `| ${label} | ${(s.rss / 2 ** 20).toFixed(1)} | ${(s.heapUsed / 2 ** 20).toFixed(1)} | ${s.storeRecords ?? '–'} | ${s.handlerRuns} |`
@@ -519,10 +524,11 @@ async function memoryRun (): Promise<void> {
     }
   } finally {
     await load.stop()
+    await backend?.stop()
   }
   if (!args['no-write']) {
     mkdirSync(RESULTS, { recursive: true })
-    writeFileSync(join(RESULTS, 'memory.md'), `# Memory run\n\nWritten by \`${commandLine()}\` on ${new Date().toISOString().slice(0, 10)}.\n\nMachine: ${describe(host)}.\n\nEach configuration gets a fresh server and ${keys.toLocaleString('en-US')} requests, each with a new key. RSS and heap are sampled by the server itself every ${step.toLocaleString('en-US')} responses. This plugin's memory store has its defaults, \`new MemoryStore({ maxRecords: 10000, maxBytes: 64 MiB, maxClaims: 10000 })\`: one LRU of completed records bounded by \`maxRecords\` and \`maxBytes\`, and the claims in flight bounded apart by \`maxClaims\` (never evicted). Under a flood of new keys it fills up to 10 000 records, then evicts the least recently used record for each new one. "records in store" is \`store.usage().records\`: completed records only, not the claims in flight; for \`@node-idempotency/core\`, the entries of its memory adapter.\n\n${report.join('\n')}`)
+    writeFileSync(join(RESULTS, 'memory.md'), `# Memory run\n\nWritten by \`${commandLine()}\` on ${new Date().toISOString().slice(0, 10)}.\n\nMachine: ${describe(host)}.\n\nEach configuration gets a fresh server and ${keys.toLocaleString('en-US')} requests, each with a new key. RSS and heap are sampled by the server itself every ${step.toLocaleString('en-US')} responses. This plugin's memory store has its defaults, \`new MemoryStore({ maxRecords: 10000, maxBytes: 64 MiB, maxClaims: 10000 })\`: one LRU of completed records bounded by \`maxRecords\` and \`maxBytes\`, and the claims in flight bounded apart by \`maxClaims\` (never evicted). Under a flood of new keys it fills up to 10 000 records, then evicts the least recently used record for each new one. With the Redis store, the records are in Redis and the process keeps its replay cache (\`replayCache\`, 16 MiB by default, least recently used copies dropped first). "records in store" is \`store.usage().records\`: completed records only, not the claims in flight; for \`@node-idempotency/core\`, the entries of its memory adapter; – for Redis.\n\n${report.join('\n')}`)
     console.log('written: bench/results/memory.md')
   }
 }
