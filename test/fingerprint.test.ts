@@ -16,7 +16,7 @@ import multipart from '@fastify/multipart'
 import type { FastifyInstance, FastifyRequest, InjectOptions } from 'fastify'
 import fastifyIdempotency, { canonicalJson, defaultFingerprint } from '../index.js'
 import type { FastifyIdempotencyOptions } from '../index.js'
-import { build, gate, until } from './helpers/app.js'
+import { build, heldHandler, until } from './helpers/app.js'
 
 async function counting (t: Parameters<typeof build>[0], options: FastifyIdempotencyOptions = {}) {
   const app = await build(t, options)
@@ -148,15 +148,10 @@ test('route overrides: off on one route, on on another, a function on a third', 
 
 test('a different request gets 422 also while the original is still in flight', async (t) => {
   const app = await build(t)
-  const release = gate()
-  let runs = 0
-  app.post('/', async () => {
-    runs++
-    await release.promise
-    return { done: true }
-  })
+  const release = heldHandler({ done: true })
+  app.post('/', release.handler)
   const original = app.inject({ method: 'POST', url: '/', headers: { 'idempotency-key': 'k' }, payload: { a: 1 } })
-  await until(() => runs === 1)
+  await until(() => release.runs() === 1)
   const other = await app.inject({ method: 'POST', url: '/', headers: { 'idempotency-key': 'k' }, payload: { a: 2 } })
   t.equal(other.statusCode, 422)
   t.equal(other.json().code, 'FST_IDEMPOTENCY_FINGERPRINT_MISMATCH')
@@ -164,7 +159,7 @@ test('a different request gets 422 also while the original is still in flight', 
   t.equal(same.statusCode, 409, 'the same request gets the in-flight treatment')
   release.open()
   t.equal((await original).statusCode, 200)
-  t.equal(runs, 1)
+  t.equal(release.runs(), 1)
 })
 
 test('defaultFingerprint distinguishes body kinds and ignores JSON key order', async (t) => {

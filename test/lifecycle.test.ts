@@ -9,7 +9,7 @@ import { test } from 'tap'
 import Fastify from 'fastify'
 import fastifyIdempotency, { MemoryStore } from '../index.js'
 import type { IdempotencyStore, StoredResponse } from '../index.js'
-import { build, capturingLogger, ERROR, FlakyStore, gate, RecordingStore, sleep, until, type LogLine } from './helpers/app.js'
+import { build, capturingLogger, ERROR, FlakyStore, gate, heldHandler, RecordingStore, sleep, until, type LogLine } from './helpers/app.js'
 
 test('every claim ends completed or released, whatever the handler does', async (t) => {
   const store = new RecordingStore()
@@ -114,20 +114,17 @@ test('client abort on a real socket: the handler finishes, its result is saved, 
   const store = new RecordingStore()
   t.teardown(() => store.close())
   const app = await build(t, { store })
-  const slow = gate()
-  let runs = 0
-  app.post('/', async (_request, reply) => {
-    runs++
-    await slow.promise
+  const slow = heldHandler(({ reply }) => {
     reply.code(201)
     return { charged: true }
   })
+  app.post('/', slow.handler)
   await app.listen({ port: 0, host: '127.0.0.1' })
   const { port } = app.server.address() as AddressInfo
   const req = httpRequest({ host: '127.0.0.1', port, method: 'POST', path: '/', headers: { 'idempotency-key': 'k', 'content-type': 'application/json' } })
   const clientError = new Promise((resolve) => req.on('error', resolve))
   req.end('{"amount":1}')
-  await until(() => runs === 1)
+  await until(() => slow.runs() === 1)
   req.destroy()
   t.match(await clientError, { code: 'ECONNRESET' })
   const during = await fetch(`http://127.0.0.1:${port}/`, { method: 'POST', headers: { 'idempotency-key': 'k', 'content-type': 'application/json' }, body: '{"amount":1}' })
@@ -138,7 +135,7 @@ test('client abort on a real socket: the handler finishes, its result is saved, 
   t.equal(retry.status, 201)
   t.equal(retry.headers.get('idempotent-replayed'), 'true')
   t.same(await retry.json(), { charged: true })
-  t.equal(runs, 1)
+  t.equal(slow.runs(), 1)
 })
 
 test('reply.hijack(): the claim is released when the handler ends, nothing is saved', async (t) => {
@@ -367,16 +364,11 @@ test('handlerTimeout while a duplicate waits for the original: the duplicate sto
   const store = new RecordingStore()
   t.teardown(() => store.close())
   const app = await build(t, { store, inFlight: { wait: 60_000 } }, { handlerTimeout: 40 })
-  const slow = gate()
-  let runs = 0
-  app.post('/', async () => {
-    runs++
-    await slow.promise
-    return 'done'
-  })
+  const slow = heldHandler('done')
+  app.post('/', slow.handler)
   const send = () => app.inject({ method: 'POST', url: '/', headers: { 'idempotency-key': 'k' } })
   const original = send()
-  await until(() => runs === 1)
+  await until(() => slow.runs() === 1)
   const waiter = await send()
   t.equal(waiter.statusCode, 503, 'the waiter timed out')
   await sleep(150) // the next look at the store comes within 100 ms
@@ -387,7 +379,7 @@ test('handlerTimeout while a duplicate waits for the original: the duplicate sto
   t.equal((await original).statusCode, 503)
   await until(() => store.releases.length === 1)
   t.equal((await send()).statusCode, 200, 'the key is free: the waiter did not claim it')
-  t.equal(runs, 2)
+  t.equal(slow.runs(), 2)
 })
 
 test('lease renewal continues after the handler ends, while its result goes through slow hooks', async (t) => {

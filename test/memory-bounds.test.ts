@@ -7,28 +7,23 @@
  */
 import t from 'tap'
 import { MemoryStore } from '../index.js'
-import { build, capturingLogger, gate, until, WARN, type LogLine } from './helpers/app.js'
+import { build, capturingLogger, heldHandler, until, WARN, type LogLine } from './helpers/app.js'
 
 t.test('beyond maxClaims in flight, a new key gets 503 with Retry-After, even with fail-open; the others are untouched', async (t) => {
   const lines: LogLine[] = []
   const store = new MemoryStore({ maxClaims: 2 })
   t.teardown(() => store.close())
   const app = await build(t, { store, onStoreError: 'fail-open' }, capturingLogger(lines))
-  const held = gate()
-  let runs = 0
-  app.post('/', async () => {
-    runs++
-    await held.promise
-    return 'done'
-  })
+  const held = heldHandler('done')
+  app.post('/', held.handler)
   const send = (key: string) => app.inject({ method: 'POST', url: '/', headers: { 'idempotency-key': key } })
   const first = [send('a'), send('b')]
-  await until(() => runs === 2)
+  await until(() => held.runs() === 2)
   const refused = await send('c')
   t.equal(refused.statusCode, 503)
   t.equal(refused.json().code, 'FST_IDEMPOTENCY_STORE_FULL')
   t.equal(refused.headers['retry-after'], '1')
-  t.equal(runs, 2, 'fail-open does not apply: the handler did not run')
+  t.equal(held.runs(), 2, 'fail-open does not apply: the handler did not run')
   t.equal((await send('a')).statusCode, 409, 'a duplicate of a held key is still answered as in flight')
   t.ok(lines.some((line) => line.level === WARN && /too many requests in flight; refused \(503\)/.test(line.msg)))
   held.open()

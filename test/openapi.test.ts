@@ -8,7 +8,7 @@ import { test } from 'tap'
 import Fastify, { type FastifyInstance, type RouteOptions } from 'fastify'
 import fastifySwagger from '@fastify/swagger'
 import fastifyIdempotency, { type FastifyIdempotencyOptions } from '../index.js'
-import { FlakyStore, gate, until, type Teardown } from './helpers/app.js'
+import { FlakyStore, heldHandler, until, type Teardown } from './helpers/app.js'
 
 interface Parameter { in: string, name: string, required?: boolean, description?: string, schema: Record<string, unknown> }
 interface Operation { parameters?: Parameter[], responses: Record<string, Record<string, unknown>> }
@@ -233,16 +233,12 @@ test('through the added response schemas the plugin\'s errors still serialize wh
     for (const swagger of [false, true]) {
       const store = new FlakyStore()
       t.teardown(() => store.close())
-      const slow = gate()
-      let runs = 0
-      const app = await documented(t, { store, errors }, (app) => app.post('/orders', { config: { idempotency: true } }, async () => {
-        if (++runs === 1) await slow.promise
-        return { ok: true }
-      }), swagger)
+      const slow = heldHandler({ ok: true }, { firstOnly: true })
+      const app = await documented(t, { store, errors }, (app) => app.post('/orders', { config: { idempotency: true } }, slow.handler), swagger)
       const send = (headers: Record<string, string>, payload: object = { a: 1 }) => app.inject({ method: 'POST', url: '/orders', headers, payload })
       const replies = [await send({}), await send({ 'idempotency-key': 'x'.repeat(300) })]
       const original = send({ 'idempotency-key': 'k' })
-      await until(() => runs === 1)
+      await until(() => slow.runs() === 1)
       replies.push(await send({ 'idempotency-key': 'k' }), await send({ 'idempotency-key': 'k' }, { a: 2 }))
       slow.open()
       await original

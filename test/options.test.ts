@@ -7,7 +7,7 @@ import Fastify from 'fastify'
 import fastifyIdempotency, { MemoryStore } from '../index.js'
 import { OPTION_NAMES } from '../lib/options.js'
 import type { FastifyIdempotencyOptions } from '../index.js'
-import { build, capturingLogger, ERROR, FlakyStore, gate, RecordingStore, until, type LogLine } from './helpers/app.js'
+import { build, capturingLogger, ERROR, FlakyStore, heldHandler, RecordingStore, until, type LogLine } from './helpers/app.js'
 
 const HOUR = 60 * 60 * 1000
 
@@ -184,16 +184,11 @@ test('default lockTtl: the claim of a handler that stops renewing frees the key 
   t.teardown(() => store.close())
   const lines: LogLine[] = []
   const app = await build(t, { store }, capturingLogger(lines))
-  let runs = 0
-  const first = gate()
-  app.post('/', async () => {
-    const run = ++runs
-    if (run === 1) await first.promise
-    return { run }
-  })
+  const first = heldHandler(({ run }) => ({ run }), { firstOnly: true })
+  app.post('/', first.handler)
   const send = () => app.inject({ method: 'POST', url: '/', headers: { 'idempotency-key': 'k' } })
   const original = send()
-  await until(() => runs === 1)
+  await until(() => first.runs() === 1)
   // Lease renewal runs every lockTtl / 3 of real time (20 s), so within this test the claim is never renewed.
   now += 60_000 - 1
   t.equal((await send()).statusCode, 409, 'claim still held just before lockTtl')
@@ -203,7 +198,7 @@ test('default lockTtl: the claim of a handler that stops renewing frees the key 
   t.same(takeover.json(), { run: 2 })
   first.open()
   t.same((await original).json(), { run: 1 })
-  t.equal(runs, 2)
+  t.equal(first.runs(), 2)
   t.ok(lines.some((l) => l.level === ERROR && /the response was not saved/.test(l.msg)), 'the late original logs that its response was not saved')
   t.same((await send()).json(), { run: 2 }, 'the stored response is the one of the request that held the claim')
 })

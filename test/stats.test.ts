@@ -6,7 +6,7 @@
 import { test, type Test } from 'tap'
 import { MemoryStore, type StatsCounts, type StoreUsage } from '../index.js'
 import { Stats } from '../lib/stats.js'
-import { build, capturingLogger, ERROR, FlakyStore, gate, sleep, until, type LogLine } from './helpers/app.js'
+import { build, capturingLogger, ERROR, FlakyStore, heldHandler, sleep, until, type LogLine } from './helpers/app.js'
 
 const NONE = { executed: 0, replayed: 0, conflicts: 0, mismatches: 0, missingKeys: 0, invalidKeys: 0, storeErrors: 0 }
 const ZERO = { ...NONE, lastDuplicateAt: 0 }
@@ -21,14 +21,10 @@ type Options = Build[1]
 async function statsApp (t: Build[0], options: Options = {}, server: Build[2] = {}, more?: (app: Awaited<ReturnType<typeof build>>) => void) {
   const app = await build(t, options, server)
   more?.(app)
-  const slow = gate()
-  const runs = { a: 0, slow: 0, required: 0 }
+  const slow = heldHandler({ slow: true })
+  const runs = { a: 0, required: 0 }
   app.post('/a', async () => ({ run: ++runs.a }))
-  app.post('/slow', async () => {
-    runs.slow++
-    await slow.promise
-    return { slow: true }
-  })
+  app.post('/slow', slow.handler)
   app.post('/required', { config: { idempotency: true } }, async () => ({ run: ++runs.required }))
   await app.ready()
   const send = (url: string, key: string | undefined, payload: object = { n: 1 }) =>
@@ -43,7 +39,7 @@ async function knownRun (t: Test, { slow, runs, send }: Awaited<ReturnType<typeo
   t.equal((await send('/a', 'k2')).headers['idempotent-replayed'], 'true')
   t.equal((await send('/a', 'k3', { n: 2 })).statusCode, 422)
   const original = send('/slow', 'k4')
-  await until(() => runs.slow === 1)
+  await until(() => slow.runs() === 1)
   t.equal((await send('/slow', 'k4')).statusCode, 409)
   slow.open()
   t.equal((await original).statusCode, 200)

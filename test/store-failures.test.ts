@@ -8,7 +8,7 @@
 import t from 'tap'
 import { MemoryStore, errors } from '../index.js'
 import type { IdempotencyRecord, IdempotencyStore, StoreErrorPolicy } from '../index.js'
-import { build, capturingLogger, ERROR, gate, until, type LogLine } from './helpers/app.js'
+import { build, capturingLogger, ERROR, gate, heldHandler, until, type LogLine } from './helpers/app.js'
 
 /** A memory store whose claims fail on demand, and which can be read while they do. */
 function failingClaims (options: { lookup?: 'works' | 'fails' | 'none' } = {}) {
@@ -94,21 +94,16 @@ t.test('without a lookup, or when it fails too: the policy decides, as before', 
 t.test('a duplicate that has seen its key in flight never fails open when a later poll fails', async (t) => {
   const { store, control } = failingClaims({ lookup: 'none' })
   const app = await build(t, { store, onStoreError: 'fail-open', inFlight: { wait: 2000 } })
-  const slow = gate()
-  let runs = 0
-  app.post('/', async () => {
-    runs++
-    await slow.promise
-    return { run: runs }
-  })
+  const slow = heldHandler(({ run }) => ({ run }))
+  app.post('/', slow.handler)
   const original = send(app)
-  await until(() => runs === 1)
+  await until(() => slow.runs() === 1)
   const claimsBefore = control.claims
   control.failAfter = claimsBefore + 1 // the waiter's first look sees the original in flight; the next ones fail
   const duplicate = await send(app)
   t.equal(duplicate.statusCode, 409, 'answered in flight')
   t.equal(duplicate.json().code, 'FST_IDEMPOTENCY_IN_FLIGHT')
-  t.equal(runs, 1, 'never ran beside the original')
+  t.equal(slow.runs(), 1, 'never ran beside the original')
   control.failAfter = Infinity
   slow.open()
   t.equal((await original).statusCode, 200)
@@ -137,11 +132,8 @@ t.test('a store that refuses claims because it may evict records (redis.requireN
 
 t.test('inFlight.wait is measured on the monotonic clock: a wall clock stepped back does not stretch it', async (t) => {
   const app = await build(t, { inFlight: { wait: 300 } })
-  const slow = gate()
-  app.post('/', async () => {
-    await slow.promise
-    return 'done'
-  })
+  const slow = heldHandler('done')
+  app.post('/', slow.handler)
   const original = send(app)
   await new Promise((resolve) => setTimeout(resolve, 20))
   const realNow = Date.now

@@ -3,7 +3,7 @@
  * and closed at teardown, a log capture, and stores that fail on demand.
  */
 import './crash-guard.js'
-import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify'
+import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyServerOptions } from 'fastify'
 import fastifyIdempotency, { MemoryStore } from '../../index.js'
 import type { FastifyIdempotencyOptions, IdempotencyStore, StoredResponse } from '../../index.js'
 
@@ -51,6 +51,23 @@ export function gate (): { promise: Promise<void>, open: () => void } {
   let open!: () => void
   const promise = new Promise<void>((resolve) => { open = resolve })
   return { promise, open }
+}
+
+/** What a held handler's answer can use: which run this is (1 for the first), its request and its reply. */
+export interface HeldRun { run: number, request: FastifyRequest, reply: FastifyReply }
+
+/** A route handler that counts its runs and holds each one (with `firstOnly`, only the first) until `open()`, then answers `answer`. */
+export function heldHandler<T> (answer: T | ((held: HeldRun) => T), { firstOnly = false }: { firstOnly?: boolean } = {}): {
+  handler: (request: FastifyRequest, reply: FastifyReply) => Promise<T>, runs: () => number, open: () => void
+} {
+  const { promise, open } = gate()
+  let runs = 0
+  const handler = async (request: FastifyRequest, reply: FastifyReply): Promise<T> => {
+    const run = ++runs
+    if (run === 1 || !firstOnly) await promise
+    return typeof answer === 'function' ? (answer as (held: HeldRun) => T)({ run, request, reply }) : answer
+  }
+  return { handler, runs: () => runs, open }
 }
 
 /**

@@ -12,7 +12,7 @@ import type { Test } from 'tap'
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyServerOptions } from 'fastify'
 import fastifyIdempotency from '../../index.js'
 import type { FastifyIdempotencyOptions, IdempotencyStore, StoredResponse } from '../../index.js'
-import { capturingLogger, gate, sleep, until, type LogLine } from './app.js'
+import { capturingLogger, heldHandler, sleep, until, type LogLine } from './app.js'
 
 export interface PatternTarget {
   /** A fresh store no other test shares. */
@@ -330,13 +330,8 @@ export function lifecyclePatterns (t: Test, target: PatternTarget): void {
   }
 
   t.test('the client hangs up while a handler that sets a status and returns nothing runs: released when it ends', async (t) => {
-    const work = gate()
-    let runs = 0
-    const { app, store, post } = await listen(t, async (_request, reply) => {
-      runs++
-      await work.promise
-      reply.code(204)
-    })
+    const work = heldHandler(({ reply }) => { reply.code(204) })
+    const { app, store, post } = await listen(t, work.handler)
     const cut = await post('k', 50)
     t.equal(cut.status, 0, 'the client hung up')
     t.equal((await post('k')).status, 409, 'while the handler runs, a duplicate is refused')
@@ -346,18 +341,15 @@ export function lifecyclePatterns (t: Test, target: PatternTarget): void {
     t.equal(app.idempotency.store, store)
     const retry = await post('k')
     t.equal(retry.status, 204, 'the retry ran the handler')
-    t.equal(runs, 2)
+    t.equal(work.runs(), 2)
   })
 
   t.test('the client hangs up while a handler returns a value: saved, the retry replays it', async (t) => {
-    const work = gate()
-    let runs = 0
-    const { store, post } = await listen(t, async (_request, reply) => {
-      runs++
-      await work.promise
+    const work = heldHandler(({ run, reply }) => {
       reply.code(201)
-      return { charged: runs }
+      return { charged: run }
     })
+    const { store, post } = await listen(t, work.handler)
     t.equal((await post('k', 50)).status, 0)
     work.open()
     await until(() => store.ended === 1)
@@ -366,7 +358,7 @@ export function lifecyclePatterns (t: Test, target: PatternTarget): void {
     t.equal(retry.status, 201)
     t.equal(retry.headers['idempotent-replayed'], 'true')
     t.same(JSON.parse(retry.body), { charged: 1 })
-    t.equal(runs, 1)
+    t.equal(work.runs(), 1)
   })
 
   t.test('request.raw.destroy() in the handler: what Fastify alone sends, and the claim ends', async (t) => {
@@ -391,20 +383,15 @@ export function lifecyclePatterns (t: Test, target: PatternTarget): void {
   })
 
   t.test('connectionTimeout cuts a handler that returns nothing: released when it ends, not stuck', async (t) => {
-    const work = gate()
-    let runs = 0
-    const { store, post } = await listen(t, async (_request, reply) => {
-      runs++
-      await work.promise
-      reply.code(204)
-    }, { connectionTimeout: 100 })
+    const work = heldHandler(({ reply }) => { reply.code(204) })
+    const { store, post } = await listen(t, work.handler, { connectionTimeout: 100 })
     t.equal((await post('k')).status, 0, 'the connection timed out')
     t.equal(store.ended, 0, 'held while the handler runs')
     work.open()
     await until(() => store.ended === 1)
     t.equal(store.released, 1)
     t.equal((await post('k')).status, 204, 'the retry ran the handler')
-    t.equal(runs, 2)
+    t.equal(work.runs(), 2)
   })
 
   t.test('SSE-style raw writes ended after the handler returns: released when the raw response ends', async (t) => {
@@ -425,11 +412,8 @@ export function lifecyclePatterns (t: Test, target: PatternTarget): void {
   })
 
   t.test('leases are renewed while a handler runs, and stop once the handler and the response are over', async (t) => {
-    const work = gate()
-    const { store, post } = await listen(t, async (_request, reply) => {
-      await work.promise
-      reply.code(204)
-    })
+    const work = heldHandler(({ reply }) => { reply.code(204) })
+    const { store, post } = await listen(t, work.handler)
     const answers = Promise.all([post('a', 20), post('b'), post('c', 20)])
     await until(() => store.renewed >= 3, 400) // lockTtl 1500: renewed every 500 ms
     t.ok(store.renewed >= 3, 'renewed while the handlers run')

@@ -17,7 +17,7 @@ import fastifyIdempotency from '../../index.js'
 import type { FastifyIdempotencyOptions } from '../../index.js'
 import { resetWarnings } from '../../lib/warnings.js'
 import '../helpers/crash-guard.js'
-import { capturingLogger, ERROR, gate, sleep, until, type LogLine } from '../helpers/app.js'
+import { capturingLogger, ERROR, gate, heldHandler, sleep, until, type LogLine } from '../helpers/app.js'
 import { startProxy } from '../../support/proxy.js'
 import { startRedis, uniquePrefix, withRedis, type RedisServer } from '../../support/redis.js'
 
@@ -127,16 +127,11 @@ withRedis(t, (t) => {
     const admin = new Redis({ host: '127.0.0.1', port: full.port })
     t.teardown(() => admin.disconnect())
     const app = await redisApp(t, full.port, { replayCache: 0 })
-    const held = gate()
-    let runs = 0
-    app.post('/pay', async () => {
-      runs++
-      await held.promise
-      return { body: 'x'.repeat(16 * 1024) }
-    })
+    const held = heldHandler({ body: 'x'.repeat(16 * 1024) })
+    app.post('/pay', held.handler)
     await app.ready()
     const original = post(app, 'held')
-    await until(() => runs === 1)
+    await until(() => held.runs() === 1)
     const used = Number(/used_memory:(\d+)/.exec(await admin.info('memory'))?.[1])
     await admin.config('SET', 'maxmemory', String(used - 1024 * 1024))
     t.equal((await post(app, 'new')).statusCode, 503, 'a new claim does not fit')
@@ -144,7 +139,7 @@ withRedis(t, (t) => {
     t.equal((await original).statusCode, 200)
     const replay = await post(app, 'held')
     t.equal(replay.headers['idempotent-replayed'], 'true', 'the 16 KB save fitted: it deletes the token first')
-    t.equal(runs, 1)
+    t.equal(held.runs(), 1)
   })
 
   t.test('a connection that dies silently: with socketTimeout, 503 within storeTimeout meanwhile, served again seconds after the network heals', async (t) => {

@@ -10,7 +10,7 @@ import { Redis } from 'ioredis'
 import { MemoryStore, RedisStore } from '../../index.js'
 import type { StoredResponse } from '../../index.js'
 import { ReplayCache } from '../../lib/stores/cache.js'
-import { build, gate, sleep, until } from '../helpers/app.js'
+import { build, heldHandler, sleep, until } from '../helpers/app.js'
 import { startRedis, uniquePrefix, withRedis, type RedisServer } from '../../support/redis.js'
 
 /** A Redis store that counts what it is asked. */
@@ -118,11 +118,8 @@ withRedis(t, (t) => {
   t.test('in-flight claims are never cached', async (t) => {
     const store = sharedStore(t)
     const app = await build(t, { store })
-    const slow = gate()
-    app.post('/', async () => {
-      await slow.promise
-      return 'done'
-    })
+    const slow = heldHandler('done')
+    app.post('/', slow.handler)
     const original = post(app, 'k')
     await until(() => store.calls.claim === 1)
     t.equal((await post(app, 'k')).statusCode, 409)
