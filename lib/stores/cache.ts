@@ -1,12 +1,18 @@
 /**
  * The replay cache: a per-process copy of completed records of a shared
  * store (Redis, Postgres). A completed record never changes until it
- * expires, so a process that has seen one (it saved it, or a claim returned
- * it) can replay it without a round trip, as long as its copy expires no
- * later than the record in the store. Copies are kept on the monotonic clock
- * from the moment the store call was sent, so a copy always expires before
- * the store's record; only what the store confirmed is kept, never an
- * in-flight claim. Bounded by bytes, least recently used first.
+ * expires, so a process that has fetched one (a claim returned it: a replay
+ * it asked the store for) can replay it again without a round trip, as long
+ * as its copy expires no later than the record in the store. Copies are kept
+ * on the monotonic clock from the moment the store call was sent, so a copy
+ * always expires before the store's record; only what the store returned
+ * completed is kept, never an in-flight claim. Bounded by bytes, least
+ * recently used first.
+ *
+ * The process's own saves are not copied: most keys are never sent again,
+ * and a copy of each would keep every response alive for a while, which the
+ * garbage collector pays for on every first request. A key sent again costs
+ * one claim, which brings the record back and copies it.
  *
  * The cache wraps the store: claims of cached keys answer at once, without a
  * promise; everything else goes to the store.
@@ -40,18 +46,21 @@ export class ReplayCache implements IdempotencyStore {
   private readonly copies = new Map<string, Copy>()
   /** Least recently used first. */
   private readonly used = new Queue<Copy>()
-  /** The fingerprints of the claims this process holds, by token, to go with their record once it is saved. */
-  private readonly claimed = new Map<string, string | undefined>()
   private bytes = 0
   /** Claims answered from a copy (for tests). */
   hits = 0
+  readonly complete: IdempotencyStore['complete']
+  readonly release: IdempotencyStore['release']
+  readonly renew: IdempotencyStore['renew']
   readonly lookup?: IdempotencyStore['lookup']
   readonly completeWith?: IdempotencyStore['completeWith']
 
   constructor (readonly store: IdempotencyStore, readonly maxBytes: number) {
     const { lookup, completeWith } = store
+    this.complete = store.complete.bind(store)
+    this.release = store.release.bind(store)
+    this.renew = store.renew.bind(store)
     if (lookup !== undefined) this.lookup = (key) => this.get(key)?.result.record ?? lookup.call(store, key)
-    // Not cached: the handler's transaction may still roll back.
     if (completeWith !== undefined) this.completeWith = completeWith.bind(store)
   }
 
@@ -63,34 +72,8 @@ export class ReplayCache implements IdempotencyStore {
     }
     const sentAt = performance.now()
     const claimed = this.store.claim(key, fingerprint, lockTtl)
-    if (!isThenable(claimed)) return this.learn(key, fingerprint, sentAt, claimed)
-    return claimed.then((result) => this.learn(key, fingerprint, sentAt, result))
-  }
-
-  complete (key: string, token: string, response: StoredResponse, ttl: number | null): MaybePromise<boolean> {
-    const fingerprint = this.claimed.get(token)
-    this.claimed.delete(token)
-    const sentAt = performance.now()
-    const saved = this.store.complete(key, token, response, ttl)
-    const keep = (ok: boolean) => {
-      if (ok) this.put(key, { state: 'completed', fingerprint, response }, ttl === null ? Infinity : sentAt + ttl)
-      return ok
-    }
-    return isThenable(saved) ? saved.then(keep) : keep(saved)
-  }
-
-  release (key: string, token: string): MaybePromise<boolean> {
-    this.claimed.delete(token)
-    return this.store.release(key, token)
-  }
-
-  renew (key: string, token: string, lockTtl: number): MaybePromise<boolean> {
-    const renewed = this.store.renew(key, token, lockTtl)
-    const forget = (ok: boolean) => {
-      if (!ok) this.claimed.delete(token) // lost: it will be neither completed nor released here
-      return ok
-    }
-    return isThenable(renewed) ? renewed.then(forget) : forget(renewed)
+    if (!isThenable(claimed)) return this.learn(key, sentAt, claimed)
+    return claimed.then((result) => this.learn(key, sentAt, result))
   }
 
   /** Bytes held (for tests and stats). */
@@ -98,13 +81,10 @@ export class ReplayCache implements IdempotencyStore {
     return this.bytes
   }
 
-  private learn (key: string, fingerprint: string | undefined, sentAt: number, result: ClaimResult): ClaimResult {
-    if (result.token !== undefined) {
-      this.claimed.set(result.token, fingerprint)
-      return result
-    }
+  /** Copies a completed record a claim returned. */
+  private learn (key: string, sentAt: number, result: ClaimResult): ClaimResult {
     const { record } = result
-    if (record.state === 'completed' && record.expiresIn !== undefined) this.put(key, record, sentAt + record.expiresIn)
+    if (record?.state === 'completed' && record.expiresIn !== undefined) this.put(key, record, sentAt + record.expiresIn)
     return result
   }
 
