@@ -340,6 +340,27 @@ test('release() throwing: the client still gets its error; the failure is logged
   t.equal(logged?.err?.message, 'store down (release)')
 })
 
+test('release() throwing synchronously (a store of values): the same, and the process stays up', async (t) => {
+  const lines: LogLine[] = []
+  const inner = new MemoryStore()
+  t.teardown(() => inner.close())
+  let releases = 0
+  const store: IdempotencyStore = {
+    claim: (key, fingerprint, lockTtl) => inner.claim(key, fingerprint, lockTtl),
+    complete: (key, token, response: StoredResponse, ttl) => inner.complete(key, token, response, ttl),
+    release: () => { releases++; throw new Error('store down (sync release)') },
+    renew: (key, token, lockTtl) => inner.renew(key, token, lockTtl)
+  }
+  const app = await build(t, { store }, capturingLogger(lines))
+  app.post('/', async () => { throw new Error('handler failed') })
+  const res = await app.inject({ method: 'POST', url: '/', headers: { 'idempotency-key': 'k' } })
+  t.equal(res.statusCode, 500)
+  t.equal(res.json().message, 'handler failed')
+  t.equal(releases, 1)
+  const logged = lines.find((l) => l.level === ERROR && /could not be released/.test(l.msg))
+  t.equal(logged?.err?.message, 'store down (sync release)')
+})
+
 test('a store returning promises works like one returning values', async (t) => {
   const inner = new MemoryStore()
   t.teardown(() => inner.close())

@@ -15,8 +15,9 @@ import fp from 'fastify-plugin'
 import Fastify, { type FastifyInstance, type FastifyRequest } from 'fastify'
 import fastifyRedis from '@fastify/redis'
 import { Redis } from 'ioredis'
-import fastifyIdempotency, { defaultKeyEncoder } from '../../index.js'
-import type { CompletedRecord, FastifyIdempotencyOptions } from '../../index.js'
+import fastifyIdempotency, { MemoryStore, defaultKeyEncoder } from '../../index.js'
+import type { CompletedRecord, FastifyIdempotencyOptions, KeyParts } from '../../index.js'
+import { localKeyEncoder } from '../../lib/key-encoder.js'
 import { startRedis, withRedis, type RedisServer } from '../../support/redis.js'
 
 declare module 'fastify' {
@@ -39,6 +40,11 @@ const auth = fp(async (app: FastifyInstance) => {
     request.user = { id: user }
   })
 })
+
+/** The store key the default encoder gives `parts` on `app`'s store: unhashed on the memory store, hashed on a shared one. */
+function storeKeyOf (app: FastifyInstance, parts: KeyParts): string {
+  return (app.idempotency.store instanceof MemoryStore ? localKeyEncoder : defaultKeyEncoder)(parts)
+}
 
 /** What a user's account holds: the data a leaked response would expose. */
 const secretOf = (user: string) => createHmac('sha256', SECRET).update('account:' + user).digest('hex')
@@ -71,7 +77,7 @@ function isolation (t: Test, choose: StoreChoice) {
   }
 
   t.test('user B sending user A\'s key (same body) runs B\'s own request and never sees A\'s response', async (t) => {
-    const { runs, send } = await bankApp(t, { scope: (request) => request.user?.id })
+    const { app, runs, send } = await bankApp(t, { scope: (request) => request.user?.id })
     const alice = await send('alice', 'shared-key')
     t.equal(alice.statusCode, 201)
     t.equal(alice.json().owner, 'alice')
@@ -91,7 +97,7 @@ function isolation (t: Test, choose: StoreChoice) {
     t.same(both.map((res) => [res.statusCode, res.json().owner]), [[201, 'alice'], [201, 'bob']])
 
     // A key that looks like alice's store key is only bob's key.
-    const aliceStoreKey = defaultKeyEncoder({ scope: 'alice', method: 'POST', path: '/transfers', key: 'shared-key' })
+    const aliceStoreKey = storeKeyOf(app, { scope: 'alice', method: 'POST', path: '/transfers', key: 'shared-key' })
     const forged = await send('bob', aliceStoreKey)
     t.equal(forged.json().owner, 'bob')
     t.equal(forged.headers['idempotent-replayed'], undefined)
@@ -131,7 +137,7 @@ function isolation (t: Test, choose: StoreChoice) {
     t.equal(runs, 1)
     t.equal(replay.headers['set-cookie'], undefined, 'no cookie on the replay')
     t.equal(replay.headers['x-order'], 'kept')
-    const storeKey = defaultKeyEncoder({ scope: undefined, method: 'POST', path: '/orders', key: 'k' })
+    const storeKey = storeKeyOf(app, { scope: undefined, method: 'POST', path: '/orders', key: 'k' })
     const saved = (await app.idempotency.store.claim(storeKey, undefined, 1000)).record as CompletedRecord
     t.strictSame(Object.keys(saved.response.headers).sort(), ['content-type', 'x-order'],
       'only end-to-end headers are saved: no cookie, no hop-by-hop header, none that Connection names')

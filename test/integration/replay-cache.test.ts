@@ -175,6 +175,19 @@ withRedis(t, (t) => {
     t.equal(store.calls.lookup, 1)
   })
 
+  t.test('two replays of one key fetched at once keep one copy, counted once', async (t) => {
+    const store = sharedStore(t)
+    const { token } = await store.claim('k', 'fp', 60_000)
+    await store.complete('k', token as string, { statusCode: 200, headers: {}, body: Buffer.alloc(500) }, 60_000)
+    const once = new ReplayCache(store, 10_000)
+    await once.claim('k', 'fp', 60_000)
+    const twice = new ReplayCache(store, 10_000)
+    const [a, b] = await Promise.all([twice.claim('k', 'fp', 60_000), twice.claim('k', 'fp', 60_000)])
+    t.same([a.record?.state, b.record?.state], ['completed', 'completed'])
+    t.ok(once.size > 500)
+    t.equal(twice.size, once.size, 'the second copy replaced the first')
+  })
+
   t.test('a claim whose lease is lost leaves nothing behind', async (t) => {
     const store = sharedStore(t)
     const cache = new ReplayCache(store, 10_000)
