@@ -6,9 +6,10 @@
  *
  *   npx tsx bench/micro/replay-cache.ts
  *
- * The store behind the cache answers at once with a claim in flight (which
- * the cache does not keep), so a miss measures what the cache adds to a
- * store call, not the store.
+ * The store behind the cache answers at once: first with the completed
+ * records that fill the cache, then with a claim in flight (which the cache
+ * does not keep), so a miss measures what the cache adds to a store call,
+ * not the store.
  */
 import { randomUUID } from 'node:crypto'
 import { Bench } from 'tinybench'
@@ -30,9 +31,12 @@ const RESPONSE: StoredResponse = {
   body: JSON.stringify({ id: 'ord_000000001a', status: 'accepted', item: 'sku-4711', quantity: 2, unitPrice: 1999, total: 3998, currency: 'EUR', customer: 'cus_8c1f3b', createdAt: new Date().toISOString() })
 }
 const IN_FLIGHT: ClaimResult = { record: { state: 'in-flight', fingerprint: undefined } }
+const COMPLETED: ClaimResult = { record: { state: 'completed', fingerprint: undefined, response: RESPONSE, expiresIn: TTL } }
+/** While filling, the store answers with the completed record (which the cache copies); then with a claim in flight. */
+let filling = true
 
 const store: IdempotencyStore = {
-  claim: () => IN_FLIGHT,
+  claim: () => filling ? COMPLETED : IN_FLIGHT,
   complete: () => true,
   release: () => true,
   renew: () => true
@@ -43,7 +47,9 @@ const storeKeys = (n: number) => Array.from({ length: n }, () => defaultKeyEncod
 const cached = storeKeys(KEYS)
 const missing = storeKeys(KEYS)
 const cache = new ReplayCache(store, BYTES)
-for (const key of cached) cache.complete(key, 'token', RESPONSE, TTL)
+// A replay fetched from the store is what the cache copies.
+for (const key of cached) cache.claim(key, undefined, LOCK_TTL)
+filling = false
 // Random order, drawn beforehand so that drawing it is not measured.
 const order = Array.from({ length: BATCH }, () => Math.floor(Math.random() * KEYS))
 
