@@ -359,8 +359,9 @@ export interface FastifyIdempotencyOptions extends InheritableOptions {
   /** How long one store operation may take before it counts as a failure. Default `'2s'`. */
   storeTimeout?: Duration
   /**
-   * Bytes of completed responses a process keeps to replay them without
-   * asking a shared store (Redis, Postgres). Default 16 MiB; 0 turns it off.
+   * Bytes of completed responses a process keeps, once a replay has fetched
+   * them from a shared store (Redis, Postgres), to replay them again without
+   * asking it. Default 16 MiB; 0 turns it off.
    */
   replayCache?: number
   /** The body of the plugin's own errors: Fastify's shape (default) or RFC 9457 `application/problem+json`. */
