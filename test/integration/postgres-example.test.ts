@@ -6,16 +6,12 @@
  * row, and the same key with another amount is refused.
  */
 import t from 'tap'
-import { spawn } from 'node:child_process'
 import { readFileSync } from 'node:fs'
-import { createInterface } from 'node:readline'
-import { fileURLToPath } from 'node:url'
 import pg from 'pg'
 import '../helpers/crash-guard.js'
-import { childEnv, reap } from '../../support/processes.js'
+import { runExample } from '../helpers/example.js'
 import { startPostgres, withPostgres, type PostgresServer } from '../../support/postgres.js'
 
-const root = fileURLToPath(new URL('../..', import.meta.url))
 const readme = readFileSync(new URL('../../README.md', import.meta.url), 'utf8')
 const section = readme.slice(readme.indexOf('## Exactly-once side effects with Postgres'), readme.indexOf('## Guarantees and limits'))
 
@@ -30,15 +26,7 @@ withPostgres(t, (t) => {
   t.teardown(() => server?.stop())
 
   t.test('it runs on a real PostgreSQL and charges once per key', async (t) => {
-    const child = reap(spawn(process.execPath, ['--import', 'tsx', 'examples/postgres-payments.ts'], {
-      cwd: root, env: childEnv({ PORT: '0', DATABASE_URL: server.connectionString, NODE_NO_WARNINGS: '1' }), stdio: ['ignore', 'pipe', 'inherit']
-    }))
-    t.teardown(() => { child.kill() })
-    const line = await new Promise<string>((resolve, reject) => {
-      createInterface({ input: child.stdout }).once('line', resolve)
-      child.once('exit', (code) => reject(new Error(`the example exited with ${code}`)))
-    })
-    const address = /listening on (http:\/\/127\.0\.0\.1:\d+)/.exec(line)?.[1]
+    const { line, address } = await runExample(t, 'postgres-payments.ts', { DATABASE_URL: server.connectionString })
     t.ok(address, `it listens (${line})`)
     const pay = (key: string, amount: number) => fetch(`${address}/payments`, {
       method: 'POST', headers: { 'content-type': 'application/json', 'idempotency-key': key, 'x-user': 'alice' }, body: JSON.stringify({ amount })

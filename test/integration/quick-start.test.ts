@@ -5,14 +5,11 @@
  * says they get.
  */
 import t from 'tap'
-import { execFileSync, spawn } from 'node:child_process'
+import { execFileSync } from 'node:child_process'
 import { readFileSync } from 'node:fs'
-import { createInterface } from 'node:readline'
-import { fileURLToPath } from 'node:url'
 import '../helpers/crash-guard.js'
-import { childEnv, reap } from '../../support/processes.js'
+import { runExample } from '../helpers/example.js'
 
-const root = fileURLToPath(new URL('../..', import.meta.url))
 const readme = readFileSync(new URL('../../README.md', import.meta.url), 'utf8')
 const quickStart = readme.slice(readme.indexOf('## Quick start'), readme.indexOf('## How it works'))
 const blocks = [...quickStart.matchAll(/```(\w+)\n([\s\S]*?)```/g)].map(([, lang, body]) => ({ lang, body }))
@@ -23,15 +20,7 @@ t.test('the quick start is examples/quick-start.ts, word for word', async (t) =>
 })
 
 t.test('it runs, and the README\'s curl lines get what the README says', async (t) => {
-  const child = reap(spawn(process.execPath, ['--import', 'tsx', 'examples/quick-start.ts'], {
-    cwd: root, env: childEnv({ PORT: '0', NODE_NO_WARNINGS: '1' }), stdio: ['ignore', 'pipe', 'inherit']
-  }))
-  t.teardown(() => { child.kill() })
-  const line = await new Promise<string>((resolve, reject) => {
-    createInterface({ input: child.stdout }).once('line', resolve)
-    child.once('exit', (code) => reject(new Error(`the example exited with ${code}`)))
-  })
-  const address = /listening on (http:\/\/127\.0\.0\.1:\d+)/.exec(line)?.[1]
+  const { line, address } = await runExample(t, 'quick-start.ts')
   t.ok(address, `it listens (${line})`)
   const curls = (blocks.find((block) => block.lang === 'sh')?.body ?? '').trim().split('\n')
   t.equal(curls.length, 4, 'four curl lines')
