@@ -9,7 +9,7 @@
 import t from 'tap'
 import { MemoryStore } from '../index.js'
 import type { IdempotencyStore } from '../index.js'
-import { build, capturingLogger, ERROR, gate, sleep, WARN, type LogLine } from './helpers/app.js'
+import { build, capturingLogger, ERROR, gate, sleep, until, WARN, type LogLine } from './helpers/app.js'
 
 // The plugin's timers are unref'd (a held claim never keeps a process alive); injected requests
 // hold no socket, so this keeps the test process up while handlers wait for their signal.
@@ -113,6 +113,33 @@ t.test('a renewal that finds the claim gone: the signal aborts at once, renewals
   t.equal(lost.length, 1)
   const retry = await app.inject({ method: 'POST', url: '/', headers: { 'idempotency-key': 'k' } })
   t.equal(retry.headers['idempotent-replayed'], undefined, 'the response of a lost claim was not saved')
+})
+
+t.test('a renewal that answers after its claim ended changes nothing: the saved response stays, nothing is logged', async (t) => {
+  const lines: LogLine[] = []
+  const inner = new MemoryStore()
+  t.teardown(() => inner.close())
+  const answer = gate()
+  let renewals = 0
+  const store: IdempotencyStore = {
+    claim: (key, fingerprint, lockTtl) => inner.claim(key, fingerprint, lockTtl),
+    complete: inner.complete.bind(inner),
+    release: inner.release.bind(inner),
+    // Held until the test lets it answer, then "lost": an answer that counted would abort and log.
+    renew: async () => { renewals++; await answer.promise; return false }
+  }
+  const app = await build(t, { store, lockTtl: 1000 }, capturingLogger(lines))
+  app.post('/', async () => {
+    await until(() => renewals === 1, 200)
+    return { done: true }
+  })
+  const res = await app.inject({ method: 'POST', url: '/', headers: { 'idempotency-key': 'k' } })
+  t.equal(res.statusCode, 200)
+  answer.open()
+  await sleep(20)
+  t.same(lines.filter((line) => line.level >= WARN).map((line) => line.msg), [], 'no lease lost, no failure')
+  const retry = await app.inject({ method: 'POST', url: '/', headers: { 'idempotency-key': 'k' } })
+  t.equal(retry.headers['idempotent-replayed'], 'true', 'the response saved before the answer is replayed')
 })
 
 t.test('an event loop blocked past the lease: the late renewal tick is logged, and the signal aborts', async (t) => {
