@@ -5,6 +5,8 @@
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
 import { once } from 'node:events'
+import { mkdirSync, mkdtempSync, readdirSync, renameSync, rmSync } from 'node:fs'
+import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { childEnv, reap } from '../support/processes.js'
 import { ROOT, type FromLoad, type FromServer, type LoadRequest, type LoadResult, type ServerStats, type ToLoad, type ToServer } from './shared.js'
@@ -85,22 +87,64 @@ export interface ServerProcess {
   stats (): Promise<ServerStats>
   /** Runs a full GC first (the process must run with --expose-gc), then reports. */
   statsAfterGc (): Promise<ServerStats>
-  /** Starts the in-process CPU profiler; profileStop writes what it recorded to `file`. */
-  profileStart (): Promise<void>
-  profileStop (file: string): Promise<void>
+  /** Stops the server; with `cpuProfile`, its profile is in that file once this resolves (unless it had to be killed). */
   stop (): Promise<void>
 }
 
-export async function startServer (name: string, options: { core?: number, redisUrl?: string, verify?: boolean, nodeArgs?: string[], plugin?: string }): Promise<ServerProcess> {
+export interface ServerOptions {
+  core?: number
+  redisUrl?: string
+  postgresUrl?: string
+  verify?: boolean
+  nodeArgs?: string[]
+  plugin?: string
+  /** Run the server with `--cpu-prof` and keep its profile (the whole process, start to exit) in this file. */
+  cpuProfile?: string
+}
+
+/** Node's default profile name, `CPU.<date>.<time>.<pid>.<thread id>.<sequence>.cpuprofile`, for the main thread (id 0). */
+const MAIN_THREAD_PROFILE = /^CPU\.\d+\.\d+\.\d+\.0\.\d+\.cpuprofile$/
+
+/**
+ * Moves the main thread's profile out of `dir` to `file`, and removes `dir`.
+ * Node writes one profile per thread, and tsx runs its module loader in a
+ * thread of its own: with a fixed `--cpu-prof-name`, that thread's profile
+ * would overwrite the server's. Hence a directory per server and Node's names.
+ */
+function keepMainThreadProfile (dir: string, file: string): void {
+  try {
+    const main = readdirSync(dir).find((name) => MAIN_THREAD_PROFILE.test(name))
+    if (main !== undefined) renameSync(join(dir, main), file)
+  } finally {
+    rmSync(dir, { recursive: true, force: true })
+  }
+}
+
+export async function startServer (name: string, options: ServerOptions): Promise<ServerProcess> {
   const env: Record<string, string> = { BENCH_CONFIG: name }
   if (options.plugin !== undefined) env.BENCH_PLUGIN = options.plugin
   if (options.redisUrl !== undefined) env.BENCH_REDIS_URL = options.redisUrl
+  if (options.postgresUrl !== undefined) env.BENCH_POSTGRES_URL = options.postgresUrl
   if (options.verify === true) env.BENCH_VERIFY = '1'
-  const child = start(SERVER, options.core, options.nodeArgs ?? [], env)
-  const port = await waitForStart(child, `server ${name}`, (message: FromServer) => {
-    if (message.type === 'error') throw new Error(`server ${name} failed to start:\n${message.message}`)
-    return message.type === 'listening' ? message.port : undefined
-  })
+  const nodeArgs = [...options.nodeArgs ?? []]
+  const { cpuProfile } = options
+  let profileDir: string | undefined
+  if (cpuProfile !== undefined) {
+    mkdirSync(dirname(cpuProfile), { recursive: true })
+    profileDir = mkdtempSync(join(dirname(cpuProfile), '.cpu-prof-'))
+    nodeArgs.push('--cpu-prof', `--cpu-prof-dir=${profileDir}`)
+  }
+  const child = start(SERVER, options.core, nodeArgs, env)
+  let port: number
+  try {
+    port = await waitForStart(child, `server ${name}`, (message: FromServer) => {
+      if (message.type === 'error') throw new Error(`server ${name} failed to start:\n${message.message}`)
+      return message.type === 'listening' ? message.port : undefined
+    })
+  } catch (err) {
+    if (profileDir !== undefined) rmSync(profileDir, { recursive: true, force: true })
+    throw err
+  }
   const ask = (type: 'stats' | 'gc') => {
     const id = ++messageId
     const answer = waitFor(child, `server ${name} ${type}`, 30_000, (message: FromServer) =>
@@ -108,22 +152,15 @@ export async function startServer (name: string, options: { core?: number, redis
     child.send({ type, id } satisfies ToServer)
     return answer
   }
-  const profile = async (message: { type: 'profile-start' } | { type: 'profile-stop', file: string }) => {
-    const id = ++messageId
-    const answer = waitFor(child, `server ${name} ${message.type}`, 30_000, (reply: FromServer) => {
-      if (reply.type === 'error') throw new Error(`server ${name}: ${reply.message}`)
-      return reply.type === 'done' && reply.id === id ? true : undefined
-    })
-    child.send({ ...message, id } satisfies ToServer)
-    await answer
-  }
   return {
     url: `http://127.0.0.1:${port}`,
-    profileStart: () => profile({ type: 'profile-start' }),
-    profileStop: (file) => profile({ type: 'profile-stop', file }),
     stats: () => ask('stats'),
     statsAfterGc: () => ask('gc'),
-    stop: () => stopChild(child, { type: 'stop' }, 10_000)
+    async stop () {
+      // Node writes the profiles as the process exits, before 'exit' reaches this process.
+      await stopChild(child, { type: 'stop' }, 10_000)
+      if (profileDir !== undefined && cpuProfile !== undefined) keepMainThreadProfile(profileDir, cpuProfile)
+    }
   }
 }
 

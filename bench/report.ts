@@ -1,12 +1,13 @@
 /**
- * From measurements to the table: medians per configuration and scenario,
- * ratios to the bare framework measured in the same round, and the issue's
- * targets checked against them.
+ * From measurements to the tables: medians per configuration and scenario,
+ * ratios to the bare framework measured in the same round, and this plugin's
+ * CPU per request above its floors, also per round. The targets they are
+ * read against are in bench/README.md.
  */
 import { execFileSync } from 'node:child_process'
 import { readFileSync } from 'node:fs'
 import { availableParallelism } from 'node:os'
-import { CONFIGURATIONS, SCENARIOS, type ScenarioName } from './shared.js'
+import { CONFIGURATIONS, SCENARIOS, floorsOf, type ScenarioName } from './shared.js'
 
 /** One measured load against one fresh server. */
 export interface Measurement {
@@ -104,45 +105,51 @@ export function table (rows: Row[]): string {
   return lines.join('\n')
 }
 
-/** The issue's targets, each with what was measured: met, missed, or not measured in this run. */
-export function targets (rows: Row[]): string[] {
-  const out: string[] = []
-  const get = (config: string, scenario: ScenarioName) => rows.find((r) => r.config === config && r.scenario === scenario)
-  const check = (label: string, value: number | undefined, ok: (v: number) => boolean, bound: string) => {
-    if (value === undefined) out.push(`- not measured: ${label}`)
-    else out.push(`- ${ok(value) ? 'met' : 'MISSED'}: ${label}: ${value.toFixed(2)} (target ${bound})`)
-  }
-  for (const { name: scenario } of SCENARIOS) {
-    const row = get('idempotency-memory', scenario)
-    if (row === undefined) continue
-    check(`memory store, ${scenario}, req/s × bare`, row.rpsRatio, (v) => v >= 0.80, '≥ 0.80')
-    check(`memory store, ${scenario}, CPU × bare`, row.cpuRatio, (v) => v <= 1.25, '≤ 1.25')
-    check(`memory store, ${scenario}, p99 × bare`, row.p99Ratio, (v) => v <= 1.5, '≤ 1.5')
-  }
-  for (const { name: scenario } of SCENARIOS) {
-    const row = get('idempotency-redis', scenario)
-    if (row === undefined) continue
-    const bound = scenario === 'hot' || scenario === 'keys1000' ? 0.70 : 0.60
-    check(`Redis store, ${scenario}, req/s × bare`, row.rpsRatio, (v) => v >= bound, `≥ ${bound.toFixed(2)}`)
-  }
-  // The memory store against every peer; the Redis store against the Redis peers. Ratios to each one's own bare framework.
-  const peers: Record<string, string[]> = {
-    'idempotency-memory': ['node-idem-memory', 'node-idem-redis', 'powertools-redis', 'express-idempotency'],
-    'idempotency-redis': ['node-idem-redis', 'powertools-redis']
-  }
-  for (const { name: scenario } of SCENARIOS) {
-    for (const [ours, theirs] of Object.entries(peers)) {
-      const mine = get(ours, scenario)
-      if (mine?.rpsRatio === undefined) continue
-      for (const peer of theirs) {
-        const other = get(peer, scenario)
-        if (other?.rpsRatio === undefined) continue
-        const ahead = mine.rpsRatio > other.rpsRatio
-        out.push(`- ${ahead ? 'met' : 'MISSED'}: ${ours} ahead of ${peer}, ${scenario}: ${mine.rpsRatio.toFixed(2)}× vs ${other.rpsRatio.toFixed(2)}× of bare`)
+/** This plugin's CPU per request above its floors, in µs. */
+export interface FloorRow {
+  config: string
+  scenario: ScenarioName
+  cpuPerRequest: number
+  /** The configuration this scenario is bound by (shared.ts, `floor`). */
+  floor: string
+  /** µs above each floor measured in the same run, medians of per-round differences; undefined when a floor was not measured. */
+  above: Record<string, number | undefined>
+}
+
+export function aboveFloors (measurements: Measurement[]): FloorRow[] {
+  const rows: FloorRow[] = []
+  for (const c of CONFIGURATIONS) {
+    if (c.floor === undefined) continue
+    for (const s of SCENARIOS) {
+      const mine = measurements.filter((m) => m.config === c.name && m.scenario === s.name)
+      if (mine.length === 0) continue
+      const above: Record<string, number | undefined> = {}
+      for (const floor of floorsOf(c)) {
+        // Per round, as the ratios: a floor measured in another round saw another machine state.
+        const per = mine.flatMap((m) => {
+          const base = measurements.find((b) => b.config === floor && b.scenario === s.name && b.round === m.round)
+          return base === undefined ? [] : [m.cpuPerRequest - base.cpuPerRequest]
+        })
+        above[floor] = per.length === 0 ? undefined : median(per)
       }
+      rows.push({ config: c.name, scenario: s.name, cpuPerRequest: median(mine.map((m) => m.cpuPerRequest)), floor: c.floor[s.name], above })
     }
   }
-  return out
+  return rows
+}
+
+const signed = (value: number | undefined) => value === undefined || Number.isNaN(value) ? '–' : (value >= 0 ? '+' : '') + value.toFixed(1)
+
+export function floorTable (rows: FloorRow[]): string {
+  const lines = [
+    '| configuration | scenario | CPU µs/req | bound by | µs/req above it | above floor-1 | above floor-2 |',
+    '| --- | --- | ---: | --- | ---: | ---: | ---: |'
+  ]
+  for (const row of rows) {
+    lines.push(`| ${row.config} | ${row.scenario} | ${fixed(row.cpuPerRequest, 1)} | ${row.floor} | ${signed(row.above[row.floor])} | ` +
+      `${signed(row.above['floor-1'])} | ${signed(row.above['floor-2'])} |`)
+  }
+  return lines.join('\n')
 }
 
 export interface Machine {

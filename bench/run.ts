@@ -6,27 +6,29 @@
  *   npm run bench -- --duration 2 --rounds 1       a quick look
  *   npm run bench -- --only idempotency-memory --scenarios fresh,hot
  *   npm run bench -- --memory                      1 000 000 unique keys into the memory store, RSS every 100k
- *   npm run bench -- --profile --only idempotency-memory --rounds 1   CPU profiles of the servers
+ *   npm run bench -- --profile --only idempotency-memory --rounds 1   CPU profiles of the servers (node --cpu-prof)
  *
  * Every measurement gets a fresh server process (pinned to core 1), loaded
  * by autocannon in another process (pinned to core 0, with Redis): seed keys
  * (replay scenarios), warm up, read the server's CPU, measure, read it
  * again. Rounds run configurations in turn (A B C … A B C …); the table shows
  * medians, and ratios are medians of per-round ratios to the bare framework
- * of the same round. bench/results/latest.md says how each peer is wired.
+ * of the same round; this plugin's CPU above its floors, medians of per-round
+ * differences. bench/README.md says what each configuration is, how the
+ * peers are wired and which targets the figures are read against.
  */
 import { execFileSync, spawnSync } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
 import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
-import { join } from 'node:path'
+import { join, relative } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { pathToFileURL } from 'node:url'
 import { parseArgs } from 'node:util'
+import { postgresAvailable, startPostgres } from '../support/postgres.js'
 import { redisAvailable, startRedis } from '../support/redis.js'
 import { startLoad, startServer, tasksetWorks, type LoadProcess } from './processes.js'
-import { summarizeProfiles } from './profile.js'
-import { aggregate, machine, median, table, targets, type Machine, type Measurement } from './report.js'
-import { CONFIGURATIONS, ROOT, SCENARIOS, configuration, scenario as scenarioOf, type ScenarioName, type ServerStats } from './shared.js'
+import { aboveFloors, aggregate, floorTable, machine, median, table, type Machine, type Measurement } from './report.js'
+import { CONFIGURATIONS, ROOT, SCENARIOS, configuration, floorsOf, scenario as scenarioOf, type ScenarioName, type ServerStats } from './shared.js'
 
 const { values: args } = parseArgs({
   options: {
@@ -59,7 +61,7 @@ if (args.help) {
   --only a,b         configurations (${CONFIGURATIONS.map((c) => c.name).join(', ')})
   --scenarios a,b    scenarios (${SCENARIOS.map((s) => s.name).join(', ')})
   --memory           the memory run: --keys unique keys (1000000) into the memory store, RSS every 100k
-  --profile          profile each server over its measured seconds, to bench/results/profiles/, and summarize
+  --profile          run each server with node --cpu-prof (the whole process), profiles to bench/results/profiles/
   --source           run the plugin's TypeScript source through tsx instead of compiling it with tsc first
   --verify           servers record every key (checks the harness; slower)
   --max-noise C      measure again (fresh server) when other processes used more than C cores meanwhile (0.1)
@@ -123,48 +125,136 @@ function buildPlugin (): string | undefined {
   return pathToFileURL(entry).href
 }
 
-interface Redis {
+/** What a configuration's server talks to: one Redis, a Redis with its replica, or a PostgreSQL, started once per run. */
+interface Backend {
+  /** The URL the server gets: BENCH_REDIS_URL or BENCH_POSTGRES_URL. */
   url: string
-  /** CPU redis-server has used so far, µs. */
+  /** CPU its processes have used so far, µs. */
   cpu (): Promise<number>
+  /** Empties it between measurements. */
   flush (): Promise<void>
   stop (): Promise<void>
 }
 
-/** A redis-server of our own on a free loopback port, persistence off, pinned with the load generator. */
-async function redisServer (): Promise<Redis | undefined> {
-  if (!redisAvailable) return undefined
-  const server = await startRedis()
-  // -a: every thread of redis-server (its background threads too), not only the main one.
-  if (LOAD_CORE !== undefined) spawnSync('taskset', ['-apc', String(LOAD_CORE), String(server.pid)], { stdio: 'ignore' })
+type BackendKind = 'redis' | 'redis-replica' | 'postgres'
+
+function backendOf (name: string): BackendKind | undefined {
+  const c = configuration(name)
+  return c.postgres === true ? 'postgres' : c.replica === true ? 'redis-replica' : c.redis ? 'redis' : undefined
+}
+
+/** -a: every thread of the process, not only the main one; processes it forks later inherit the core. */
+function pinWithLoad (pid: number): void {
+  if (LOAD_CORE !== undefined) spawnSync('taskset', ['-apc', String(LOAD_CORE), String(pid)], { stdio: 'ignore' })
+}
+
+/** user + system CPU of a process from /proc, µs; with `children`, of its waited-for children too. */
+function processCpu (pid: number, children: boolean): number {
+  try {
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8')
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ').map(Number)
+    const [utime, stime, cutime, cstime] = fields.slice(11, 15)
+    return (utime + stime + (children ? cutime + cstime : 0)) * 1e6 / clockTicks
+  } catch {
+    return 0 // it has exited
+  }
+}
+
+/** The PostgreSQL version of this run, once its server is up. */
+let postgresVersion: string | undefined
+
+/** A redis-server of our own on a free loopback port, persistence off, pinned with the load generator; with `replica`, a replica of it too, in sync. */
+async function redisBackend (replica: boolean): Promise<Backend> {
+  const primary = await startRedis()
+  const servers = [primary]
   const { Redis: Client } = await import('ioredis')
-  const client = new Client({ host: '127.0.0.1', port: server.port, lazyConnect: true })
+  const clients: Array<InstanceType<typeof Client>> = []
+  try {
+    if (replica) servers.push(await startRedis({ replicaOf: primary.port }))
+    for (const server of servers) {
+      pinWithLoad(server.pid)
+      const client = new Client({ host: '127.0.0.1', port: server.port, lazyConnect: true })
+      clients.push(client)
+      await client.connect()
+    }
+  } catch (err) {
+    for (const client of clients) client.disconnect() // or it keeps reconnecting, and this process alive
+    for (const server of servers) await server.stop()
+    throw err
+  }
+  return {
+    url: primary.url,
+    async cpu () {
+      let total = 0
+      for (const client of clients) {
+        const info = await client.info('cpu')
+        const field = (name: string) => Number(new RegExp(name + ':([\\d.]+)').exec(info)?.[1] ?? 0)
+        total += (field('used_cpu_sys') + field('used_cpu_user')) * 1e6
+      }
+      return total
+    },
+    async flush () {
+      await clients[0].flushall()
+      // The replica gets the FLUSHALL through the replication stream: wait for it, so that the next measurement starts in sync.
+      if (replica) await clients[0].wait(1, 5000)
+    },
+    async stop () {
+      for (const client of clients) client.disconnect()
+      for (const server of servers) await server.stop()
+    }
+  }
+}
+
+/**
+ * A PostgreSQL cluster of our own (support/postgres.ts: fsync and synchronous
+ * commit off, as a test cluster), pinned with the load generator. Its CPU:
+ * the postmaster, the server processes running now (one per connection, and
+ * the background ones), and those that have exited.
+ */
+async function postgresBackend (): Promise<Backend> {
+  const server = await startPostgres()
+  const postmaster = server.pid
+  const serverProcesses = () => {
+    const found = spawnSync('pgrep', ['-P', String(postmaster)], { encoding: 'utf8' }).stdout
+    return found.split('\n').filter(Boolean).map(Number)
+  }
+  pinWithLoad(postmaster)
+  for (const pid of serverProcesses()) pinWithLoad(pid)
+  const { default: pg } = await import('pg')
+  const client = new pg.Client({ connectionString: server.connectionString })
   try {
     await client.connect()
+    postgresVersion = (await client.query<{ server_version: string }>('SHOW server_version')).rows[0].server_version
   } catch (err) {
-    client.disconnect() // or it keeps reconnecting, and this process alive
+    await client.end().catch(() => {})
     await server.stop()
     throw err
   }
   return {
-    url: server.url,
+    url: server.connectionString,
     async cpu () {
-      const info = await client.info('cpu')
-      const field = (name: string) => Number(new RegExp(name + ':([\\d.]+)').exec(info)?.[1] ?? 0)
-      return (field('used_cpu_sys') + field('used_cpu_user')) * 1e6
+      return processCpu(postmaster, true) + serverProcesses().reduce((sum, pid) => sum + processCpu(pid, false), 0)
     },
-    async flush () { await client.flushall() },
+    async flush () {
+      // The plugin's tables (records and stats), whatever their names: everything in the public schema.
+      const { rows } = await client.query<{ name: string }>("SELECT quote_ident(tablename) AS name FROM pg_tables WHERE schemaname = 'public'")
+      if (rows.length > 0) await client.query(`TRUNCATE ${rows.map((r) => r.name).join(', ')}`)
+    },
     async stop () {
-      client.disconnect()
+      await client.end()
       await server.stop()
     }
   }
 }
 
-/** --only, with the bare framework of each (ratios need it in the same run), in CONFIGURATIONS order. */
+/** --only, with the bare framework and the floors of each (ratios and differences need them in the same run), in CONFIGURATIONS order. */
 function selectedConfigurations (): string[] {
   const wanted = list(args.only) ?? CONFIGURATIONS.map((c) => c.name)
-  const withBaselines = new Set(wanted.flatMap((name) => [configuration(name).baseline, name])) // throws on an unknown name
+  const withBaselines = new Set(wanted.flatMap((name) => {
+    const c = configuration(name) // throws on an unknown name
+    return [c.baseline, ...floorsOf(c), name]
+  }))
   return CONFIGURATIONS.map((c) => c.name).filter((name) => withBaselines.has(name))
 }
 
@@ -188,39 +278,34 @@ interface Checked {
 
 let cell = 0
 let plugin: string | undefined
-/** The CPU profiles this run wrote (--profile), for the summary. */
+/** The CPU profiles this run wrote (--profile). */
 const profiles = new Set<string>()
 
 /** One measurement: a fresh server, seeded, warmed up, measured. */
-async function measure (load: LoadProcess, name: string, scenario: ScenarioName, round: number, redis: Redis | undefined, checks: Checked[]): Promise<Measurement> {
-  const server = await startServer(name, { core: SERVER_CORE, redisUrl: configuration(name).redis ? redis?.url : undefined, verify: args.verify, plugin })
+async function measure (load: LoadProcess, name: string, scenario: ScenarioName, round: number, backend: Backend | undefined, checks: Checked[]): Promise<Measurement> {
+  // A measurement taken again (another process was busy) writes over its profile: the file is the last attempt's.
+  const cpuProfile = args.profile ? join(PROFILES, `${name}.${scenario}.r${round}.cpuprofile`) : undefined
+  const url = backendOf(name) === 'postgres' ? { postgresUrl: backend?.url } : { redisUrl: backend?.url }
+  const server = await startServer(name, { core: SERVER_CORE, ...url, verify: args.verify, plugin, cpuProfile })
   try {
     const prefix = `${runId}-${(++cell).toString(36).padStart(4, '0')}-`
     const base = { url: server.url, scenario, connections, prefix }
     const { seedKeys } = scenarioOf(scenario)
     if (seedKeys > 0) await load.run({ ...base, duration: 1, amount: seedKeys, seed: true })
     if (warmup > 0) await load.run({ ...base, duration: warmup })
-    // Started before the first stats, so that starting the profiler is not in the measured CPU.
-    if (args.profile) await server.profileStart()
     const before = await server.stats()
     const busyBefore = machineBusyMicros()
     const ownBefore = process.cpuUsage()
-    const redisBefore = await redis?.cpu() ?? 0
+    const backendBefore = await backend?.cpu() ?? 0
     const result = await load.run({ ...base, duration })
     const busyAfter = machineBusyMicros()
     const own = process.cpuUsage(ownBefore)
     const after = await server.stats()
-    if (args.profile) {
-      const file = join(PROFILES, `${name}.${scenario}.r${round}.cpuprofile`)
-      mkdirSync(PROFILES, { recursive: true })
-      await server.profileStop(file)
-      profiles.add(file)
-    }
-    const redisCpu = (await redis?.cpu() ?? 0) - redisBefore
+    const backendCpu = (await backend?.cpu() ?? 0) - backendBefore
     // What other processes used meanwhile (another test run, a package install…), in cores.
     const noise = busyBefore === undefined || busyAfter === undefined
       ? 0
-      : Math.max(0, busyAfter - busyBefore - (after.cpuMicros - before.cpuMicros) - result.cpuMicros - own.user - own.system - redisCpu) / (result.seconds * 1e6)
+      : Math.max(0, busyAfter - busyBefore - (after.cpuMicros - before.cpuMicros) - result.cpuMicros - own.user - own.system - backendCpu) / (result.seconds * 1e6)
     checks.push({ config: name, scenario, round, stats: after, before, keysSent: result.keysSent, statusCodes: result.statusCodes })
     if (result.requests === 0) throw new Error(`${name} ${scenario}: no response at all (errors ${result.errors}, timeouts ${result.timeouts})`)
     // Per request the server took in over the measured window: the server's CPU covers the requests still
@@ -243,7 +328,8 @@ async function measure (load: LoadProcess, name: string, scenario: ScenarioName,
     }
   } finally {
     await server.stop()
-    await redis?.flush()
+    if (cpuProfile !== undefined && existsSync(cpuProfile)) profiles.add(cpuProfile)
+    await backend?.flush()
   }
 }
 
@@ -266,11 +352,11 @@ async function waitForQuiet (): Promise<void> {
 }
 
 /** measure(), again on a fresh server while other processes were busy meanwhile; the quietest attempt is kept. */
-async function measureQuietly (load: LoadProcess, name: string, scenario: ScenarioName, round: number, redis: Redis | undefined, checks: Checked[]): Promise<Measurement> {
+async function measureQuietly (load: LoadProcess, name: string, scenario: ScenarioName, round: number, backend: Backend | undefined, checks: Checked[]): Promise<Measurement> {
   let best: Measurement | undefined
   for (let attempt = 1; attempt <= attempts; attempt++) {
     await waitForQuiet()
-    const m = await measure(load, name, scenario, round, redis, checks)
+    const m = await measure(load, name, scenario, round, backend, checks)
     if (best === undefined || m.noise < best.noise) best = m
     if (m.noise <= maxNoise) break
     console.log(`  (other processes used ${m.noise.toFixed(2)} cores during ${name} ${scenario}${attempt < attempts ? ': measuring again' : ''})`)
@@ -279,7 +365,8 @@ async function measureQuietly (load: LoadProcess, name: string, scenario: Scenar
 }
 
 function describe (m: Machine): string {
-  return `${m.cores} cores (nproc), ${m.cpu}, Node.js ${m.node}, ${m.os}` + (m.redis === undefined ? ', no redis-server' : `, redis-server ${m.redis}`)
+  return `${m.cores} cores (nproc), ${m.cpu}, Node.js ${m.node}, ${m.os}` + (m.redis === undefined ? ', no redis-server' : `, redis-server ${m.redis}`) +
+    (postgresVersion === undefined ? '' : `, PostgreSQL ${postgresVersion}`)
 }
 
 function commandLine (): string {
@@ -291,14 +378,19 @@ async function benchmark (): Promise<void> {
   const scenarios = selectedScenarios()
   const selected = selectedConfigurations()
   plugin = buildPlugin()
-  const redis = selected.some((name) => configuration(name).redis) ? await redisServer() : undefined
-  const skipped = redis === undefined ? selected.filter((name) => configuration(name).redis) : []
-  const names = selected.filter((name) => !skipped.includes(name))
-  const host = machine()
   const notes: string[] = []
-  if (skipped.length > 0) {
-    notes.push(`SKIPPED ${skipped.join(', ')}: redis-server is not installed (apt-get install redis-server); the Redis configurations need a local one.`)
+  const skip = (kinds: BackendKind[], why: string) => {
+    const skipped = selected.filter((name) => kinds.includes(backendOf(name) as BackendKind))
+    if (skipped.length > 0) notes.push(`SKIPPED ${skipped.join(', ')}: ${why}`)
+    return skipped
   }
+  const skipped = [
+    ...redisAvailable ? [] : skip(['redis', 'redis-replica'], 'redis-server is not installed (apt-get install redis-server); the Redis configurations need a local one.'),
+    ...postgresAvailable ? [] : skip(['postgres'], 'PostgreSQL is not installed (apt-get install postgresql); the PostgreSQL configuration needs a local one.')
+  ]
+  const names = selected.filter((name) => !skipped.includes(name))
+  const backends = new Map<BackendKind, Backend>()
+  const host = machine()
   if (!tasksetWorks) notes.push('taskset is not available: server and load generator are not pinned to separate cores.')
   for (const note of notes) console.log(note)
   console.log(`machine: ${describe(host)}`)
@@ -309,11 +401,16 @@ async function benchmark (): Promise<void> {
   const started = Date.now()
   let load: LoadProcess | undefined
   try {
+    for (const kind of new Set(names.map(backendOf))) {
+      if (kind === undefined) continue
+      backends.set(kind, kind === 'postgres' ? await postgresBackend() : await redisBackend(kind === 'redis-replica'))
+    }
     load = await startLoad(LOAD_CORE)
     for (let round = 1; round <= rounds; round++) {
       for (const scenario of scenarios) {
         for (const name of names) {
-          const m = await measureQuietly(load, name, scenario, round, redis, checks)
+          const kind = backendOf(name)
+          const m = await measureQuietly(load, name, scenario, round, kind === undefined ? undefined : backends.get(kind), checks)
           measurements.push(m)
           console.log(`round ${round} ${scenario.padEnd(8)} ${name.padEnd(20)} ${Math.round(m.rps).toString().padStart(6)} req/s  p50 ${m.p50.toFixed(2)} ms  p99 ${m.p99.toFixed(2)} ms  ${m.cpuPerRequest.toFixed(1)} µs CPU/req  handler ${m.handlerShare.toFixed(3)}/req${m.non2xx > 0 ? `  non-2xx ${m.non2xx} (statuses ${JSON.stringify(m.statusCodes)})` : ''}`)
         }
@@ -321,63 +418,58 @@ async function benchmark (): Promise<void> {
     }
   } finally {
     await load?.stop()
-    await redis?.stop()
+    for (const backend of backends.values()) await backend.stop()
   }
 
   const rows = aggregate(measurements)
+  const floorRows = aboveFloors(measurements)
   const text = table(rows)
-  const goals = targets(rows)
+  const floors = floorRows.length > 0 ? floorTable(floorRows) : undefined
   console.log('\n' + text + '\n')
-  if (goals.length > 0) console.log('Targets (issue 5):\n' + goals.join('\n') + '\n')
+  if (floors !== undefined) console.log('CPU above the floor (µs/req, medians of per-round differences):\n' + floors + '\n')
+  console.log('What the configurations are, what the columns mean and the targets: bench/README.md\n')
 
   const minutes = ((Date.now() - started) / 60_000).toFixed(1)
   if (args.json !== undefined) {
-    writeFileSync(args.json, JSON.stringify({ machine: host, command: commandLine(), rows, measurements, checks, skipped }, null, 2))
+    writeFileSync(args.json, JSON.stringify({ machine: host, command: commandLine(), rows, floorRows, measurements, checks, skipped }, null, 2))
   }
   if (!args['no-write'] && !args.profile) {
-    writeFileSync(join(RESULTS, 'latest.md'), markdown({ host, names, scenarios, text, goals, notes, minutes }))
+    writeFileSync(join(RESULTS, 'latest.md'), markdown({ host, text, floors, notes, minutes }))
     console.log(`written: bench/results/latest.md (${minutes} min)`)
   }
-  if (args.profile) {
-    console.log(summarizeProfiles([...profiles]))
-  }
+  if (args.profile) console.log(profileNote())
 }
 
-function markdown (r: { host: Machine, names: string[], scenarios: ScenarioName[], text: string, goals: string[], notes: string[], minutes: string }): string {
-  const configs = r.names.map((name) => `- \`${name}\`: ${configuration(name).what}`).join('\n')
-  const scenarios = r.scenarios.map((name) => `- \`${name}\`: ${scenarioOf(name).what}`).join('\n')
+function profileNote (): string {
+  if (profiles.size === 0) return 'No CPU profile was written (a server that had to be killed writes none).'
+  return `CPU profiles, ${profiles.size}, in ${relative(process.cwd(), PROFILES) || '.'}/:
+${[...profiles].sort().map((file) => '  ' + relative(PROFILES, file)).join('\n')}
+Each covers its whole server process (node --cpu-prof): start-up, seeding, warm-up, the measured ${duration} s of load and shutdown; the measured seconds are the last stretch of load, right after the warm-up.
+Open one in Chrome DevTools (Performance, "Load profile…") or at https://www.speedscope.app. The figures of a profiled run include the profiler's cost: it does not write bench/results/latest.md.`
+}
+
+function markdown (r: { host: Machine, text: string, floors: string | undefined, notes: string[], minutes: string }): string {
   return `# Benchmark results
 
 Written by \`${commandLine()}\` on ${new Date().toISOString().slice(0, 10)} (${r.minutes} min).
 
 Machine: ${describe(r.host)}.
-Settings: ${rounds} interleaved round(s), ${duration} s measured per configuration and scenario after ${warmup} s of warm-up, ${connections} connections, pipelining 1, a fresh server process per measurement${tasksetWorks ? '; server pinned to core 1, load generator (and Redis) to core 0 with taskset' : '; no taskset: processes not pinned'}.
+Settings: ${rounds} interleaved round(s), ${duration} s measured per configuration and scenario after ${warmup} s of warm-up, ${connections} connections, pipelining 1, a fresh server process per measurement${tasksetWorks ? '; server pinned to core 1, load generator (and Redis) to core 0 with taskset' : '; no taskset: processes not pinned'}; measurements during which other processes used more than ${maxNoise} cores repeated, up to ${attempts} attempts, keeping the quietest.
 ${r.notes.length > 0 ? '\n' + r.notes.map((n) => `**${n}**`).join('\n\n') + '\n' : ''}
-Every configuration serves the same \`POST /orders\`: the same small JSON body in, about 200 bytes of JSON out, 201. Every request carries an \`Idempotency-Key\` header (configurations without idempotency ignore it).
-
-Configurations:
-${configs}
-
-Scenarios:
-${scenarios}
+What each configuration and scenario is, how the peers are wired, what the columns mean, and the targets these figures are read against: [bench/README.md](../README.md).
 
 ## Table
 
-Medians over the rounds. Ratios (× bare) are medians of per-round ratios to the bare framework of the same round and scenario: Fastify for the Fastify configurations, Express for \`express-idempotency\`. CPU µs/req is the server process's own \`process.cpuUsage()\` (user + system) over the measured seconds, divided by the requests the server received in them (counting those still in flight when the load stops, which the load generator does not). Latency from the load generator, at 10 µs resolution. "handler runs/req" is how often the route's handler ran per request received (1: every request ran it; 0: all were replays). "other CPU" is what processes outside the benchmark used meanwhile, in cores (median over the rounds): a measurement during which they used more than ${maxNoise} cores was repeated on a fresh server, up to ${attempts} attempts, keeping the quietest.
-
 ${r.text}
+${r.floors === undefined
+    ? ''
+    : `
+## CPU above the floor
 
-## Targets (issue 5)
+µs of server CPU per request above the floor each scenario is bound by, and above both Redis floors; medians of per-round differences.
 
-${r.goals.length > 0 ? r.goals.join('\n') : 'No configuration of this plugin was measured.'}
-
-## How the peers are wired
-
-- \`@node-idempotency/core\` 1.x: its documented flow (\`onRequest\` before the business logic, \`onResponse\` when it first completes) in a Fastify \`preHandler\` and \`onSend\` hook, the shape of the project's own (unpublished) Fastify wrapper, with the memory adapter or the Redis adapter (its own \`redis\` 4 client). \`onResponse\` runs only after a handler run, not for replays (the wrapper calls it for every reply, which costs more). Its memory adapter never evicts: it grows with every key.
-- \`@aws-lambda-powertools/idempotency\` 2.x: \`makeIdempotent\` around a Lambda-style handler, \`CachePersistenceLayer\` on a connected \`@redis/client\` as its docs show, \`eventKeyJmesPath: 'headers."idempotency-key"'\`, a fake context whose \`getRemainingTimeInMillis()\` answers 30 s; the route builds an API Gateway-like event from the request. Without payload validation, so it does less than this plugin (which fingerprints every request): with \`payloadValidationJmesPath: 'body'\`, every replay is a 422 in 2.35.0, because \`CachePersistenceLayer\` saves the completed record without the payload hash.
-- \`express-idempotency\` 1.x: its middleware on the route and \`isHit(req)\` in the handler, as its README says, with its default in-memory adapter (an array searched linearly: its cost grows with the keys stored during the measurement).
-- \`@fastify/rate-limit\`: registered globally with a limit no run reaches; every request costs one lookup in its in-memory store (one client IP, so one key).
-`
+${r.floors}
+`}`
 }
 
 /** The memory run: unique keys into the memory store, RSS before, every 100k, after. */
@@ -390,13 +482,18 @@ async function memoryRun (): Promise<void> {
   plugin = buildPlugin()
   const load = await startLoad(LOAD_CORE)
   const report: string[] = []
+  let backend: Backend | undefined
   try {
     for (const name of names) {
-      if (configuration(name).redis) throw new Error('the memory run is for in-process stores')
-      const server = await startServer(name, { core: SERVER_CORE, nodeArgs: ['--expose-gc'], plugin })
+      const kind = backendOf(name)
+      if (kind === 'postgres') throw new Error('the memory run is for the memory and Redis stores')
+      if (kind !== undefined && !redisAvailable) throw new Error(`${name} needs redis-server (apt-get install redis-server)`)
+      await backend?.stop()
+      backend = kind === undefined ? undefined : await redisBackend(kind === 'redis-replica')
+      const server = await startServer(name, { core: SERVER_CORE, nodeArgs: ['--expose-gc'], plugin, redisUrl: backend?.url })
       const lines: string[] = []
       const line = (label: string, s: ServerStats) => {
-        const text = `| ${label} | ${(s.rss / 2 ** 20).toFixed(1)} | ${(s.heapUsed / 2 ** 20).toFixed(1)} | ${s.storeSize ?? '–'} | ${s.handlerRuns} |`
+        const text = `| ${label} | ${(s.rss / 2 ** 20).toFixed(1)} | ${(s.heapUsed / 2 ** 20).toFixed(1)} | ${s.storeRecords ?? '–'} | ${s.handlerRuns} |`
         lines.push(text)
         console.log(text)
       }
@@ -427,10 +524,11 @@ async function memoryRun (): Promise<void> {
     }
   } finally {
     await load.stop()
+    await backend?.stop()
   }
   if (!args['no-write']) {
     mkdirSync(RESULTS, { recursive: true })
-    writeFileSync(join(RESULTS, 'memory.md'), `# Memory run\n\nWritten by \`${commandLine()}\` on ${new Date().toISOString().slice(0, 10)}.\n\nMachine: ${describe(host)}.\n\nEach configuration gets a fresh server (default store bound: 10 000 records for this plugin's memory store) and ${keys.toLocaleString('en-US')} requests, each with a new key. RSS and heap are sampled by the server itself every ${step.toLocaleString('en-US')} responses. This plugin's memory store keeps two generations of \`maxRecords / 2\` records: it holds between 5 000 and 10 000 records, and a sample taken at a multiple of 100 000 keys falls just after a generation turned over (every 5 000 new keys), so it reads about 5 000.\n\n${report.join('\n')}`)
+    writeFileSync(join(RESULTS, 'memory.md'), `# Memory run\n\nWritten by \`${commandLine()}\` on ${new Date().toISOString().slice(0, 10)}.\n\nMachine: ${describe(host)}.\n\nEach configuration gets a fresh server and ${keys.toLocaleString('en-US')} requests, each with a new key. RSS and heap are sampled by the server itself every ${step.toLocaleString('en-US')} responses. This plugin's memory store has its defaults, \`new MemoryStore({ maxRecords: 10000, maxBytes: 64 MiB, maxClaims: 10000 })\`: one LRU of completed records bounded by \`maxRecords\` and \`maxBytes\`, and the claims in flight bounded apart by \`maxClaims\` (never evicted). Under a flood of new keys it fills up to 10 000 records, then evicts the least recently used record for each new one. With the Redis store, the records are in Redis and the process keeps its replay cache (\`replayCache\`, 16 MiB by default, least recently used copies dropped first). "records in store" is \`store.usage().records\`: completed records only, not the claims in flight; for \`@node-idempotency/core\`, the entries of its memory adapter; – for Redis.\n\n${report.join('\n')}`)
     console.log('written: bench/results/memory.md')
   }
 }

@@ -16,13 +16,8 @@
  * BENCH_PLUGIN is the plugin's entry point: run.ts compiles the plugin with
  * tsc and points here, so that the server runs what users run (tsx would add
  * its own helpers to every closure). Without it, the TypeScript source.
- *
- * 'profile-start' and 'profile-stop' record a CPU profile of the measured
- * window only (the inspector's Profiler, in process).
  */
-import { writeFileSync } from 'node:fs'
 import { createServer, type Server } from 'node:http'
-import { Session } from 'node:inspector/promises'
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
 import type { MemoryStore } from '../index.js'
 import { KEY_HEADER, ROUTE, configuration, orderFor, type FromServer, type OrderInput, type ServerStats, type ToServer } from './shared.js'
@@ -32,6 +27,7 @@ const pluginEntry = process.env.BENCH_PLUGIN ?? '../index.js'
 const loadPlugin = () => import(pluginEntry) as Promise<Plugin>
 const name = process.env.BENCH_CONFIG ?? ''
 const redisUrl = process.env.BENCH_REDIS_URL
+const postgresUrl = process.env.BENCH_POSTGRES_URL
 const verify = process.env.BENCH_VERIFY === '1'
 
 let requests = 0
@@ -39,7 +35,8 @@ let handlerRuns = 0
 let keyedRequests = 0
 const requestKeys = new Set<string>()
 const handlerKeys = new Set<string>()
-let storeSize: (() => number) | undefined
+/** Completed records in the store, for the memory run. */
+let storeRecords: (() => number) | undefined
 const closers: Array<() => unknown> = []
 
 /** The route's logic: one handler run, one order. */
@@ -73,20 +70,35 @@ async function fastifyApp (): Promise<FastifyInstance> {
     case 'idempotency-memory': {
       const { default: fastifyIdempotency } = await loadPlugin()
       await app.register(fastifyIdempotency)
-      storeSize = () => (app.idempotency.store as MemoryStore).size
+      const store = app.idempotency.store as MemoryStore
+      storeRecords = () => store.usage().records
       break
     }
-    case 'idempotency-redis': {
+    case 'idempotency-redis':
+    case 'idempotency-redis-nocache':
+    case 'idempotency-redis-replicas': {
       const { default: fastifyIdempotency } = await loadPlugin()
       const { default: fastifyRedis } = await import('@fastify/redis')
       await app.register(fastifyRedis, { url: redisUrl })
-      await app.register(fastifyIdempotency, { store: 'redis' })
+      // Without the replay cache, every replay is a claim in Redis: what a process that did not see the record pays.
+      // With replicas, every claim and save waits for the replica's acknowledgement (WAIT).
+      const options = name === 'idempotency-redis-nocache'
+        ? { replayCache: 0 }
+        : name === 'idempotency-redis-replicas' ? { redis: { replicas: 1 } } : {}
+      await app.register(fastifyIdempotency, { store: 'redis', ...options })
+      break
+    }
+    case 'idempotency-postgres': {
+      const { default: fastifyIdempotency } = await loadPlugin()
+      const { default: fastifyPostgres } = await import('@fastify/postgres')
+      await app.register(fastifyPostgres, { connectionString: postgresUrl })
+      await app.register(fastifyIdempotency, { store: 'postgres' })
       break
     }
     case 'node-idem-memory':
     case 'node-idem-redis': {
       const { nodeIdempotencyHooks } = await import('./peers/node-idempotency.js')
-      await nodeIdempotencyHooks(app, name === 'node-idem-redis' ? redisUrl : undefined, closers, (size) => { storeSize = size })
+      await nodeIdempotencyHooks(app, name === 'node-idem-redis' ? redisUrl : undefined, closers, (size) => { storeRecords = size })
       break
     }
     case 'powertools-redis': {
@@ -94,10 +106,25 @@ async function fastifyApp (): Promise<FastifyInstance> {
       app.post(ROUTE, await powertoolsRoute(redisUrl as string, placeOrder, closers))
       return app
     }
-    case 'rate-limit': {
+    case 'floor-1':
+    case 'floor-2': {
+      const { default: fastifyRedis } = await import('@fastify/redis')
+      const { floorHooks } = await import('./floors.js')
+      await app.register(fastifyRedis, { url: redisUrl })
+      floorHooks(app, name === 'floor-2')
+      break
+    }
+    case 'rate-limit':
+    case 'rate-limit-redis': {
       const { default: rateLimit } = await import('@fastify/rate-limit')
-      // A limit no run reaches: every request pays the lookup, none is refused.
-      await app.register(rateLimit, { max: 1_000_000_000, timeWindow: 60_000 })
+      let redis
+      if (name === 'rate-limit-redis') {
+        const { default: fastifyRedis } = await import('@fastify/redis')
+        await app.register(fastifyRedis, { url: redisUrl })
+        redis = app.redis
+      }
+      // A limit no run reaches: every request pays the lookup (memory) or the script call (Redis), none is refused.
+      await app.register(rateLimit, { max: 1_000_000_000, timeWindow: 60_000, redis })
       break
     }
     default:
@@ -140,31 +167,14 @@ function stats (): ServerStats {
     rss: memory.rss,
     heapUsed: memory.heapUsed,
     ...(verify ? { keyedRequests, distinctRequestKeys: requestKeys.size, distinctHandlerKeys: handlerKeys.size } : {}),
-    ...(storeSize === undefined ? {} : { storeSize: storeSize() })
+    ...(storeRecords === undefined ? {} : { storeRecords: storeRecords() })
   }
 }
 
-let profiler: Session | undefined
-
-async function profileStart (): Promise<void> {
-  profiler = new Session()
-  profiler.connect()
-  await profiler.post('Profiler.enable')
-  await profiler.post('Profiler.setSamplingInterval', { interval: 250 })
-  await profiler.post('Profiler.start')
-}
-
-async function profileStop (file: string): Promise<void> {
-  if (profiler === undefined) return
-  const { profile } = await profiler.post('Profiler.stop')
-  writeFileSync(file, JSON.stringify(profile))
-  profiler.disconnect()
-  profiler = undefined
-}
-
 async function main (): Promise<void> {
-  const { framework, redis } = configuration(name)
+  const { framework, redis, postgres } = configuration(name)
   if (redis && redisUrl === undefined) throw new Error(`${name} needs BENCH_REDIS_URL`)
+  if (postgres === true && postgresUrl === undefined) throw new Error(`${name} needs BENCH_POSTGRES_URL`)
   let server: Server
   let close: () => Promise<unknown>
   if (framework === 'fastify') {
@@ -189,12 +199,8 @@ async function main (): Promise<void> {
     else if (message.type === 'gc') {
       (globalThis as { gc?: () => void }).gc?.()
       send({ type: 'stats', id: message.id, stats: stats() })
-    } else if (message.type === 'profile-start' || message.type === 'profile-stop') {
-      const id = message.id
-      ;(message.type === 'profile-start' ? profileStart() : profileStop(message.file)).then(
-        () => send({ type: 'done', id }),
-        (err: Error) => send({ type: 'error', message: err.stack ?? String(err) }))
     } else if (message.type === 'stop') {
+      // A normal exit: with --cpu-prof (run.ts --profile), Node writes the profile now.
       close().then(async () => {
         for (const closer of closers) await closer()
       }).finally(() => process.exit(0))

@@ -8,7 +8,8 @@ import Fastify from 'fastify'
 import fastifyIdempotency from '../index.js'
 
 const app = Fastify()
-await app.register(fastifyIdempotency, { mode: 'required', inFlight: { wait: 2000 } })
+// A real application scopes keys by the authenticated user; the demo has one client.
+await app.register(fastifyIdempotency, { mode: 'required', inFlight: { wait: '2s' }, scope: () => 'demo-user' })
 
 let charges = 0
 app.post<{ Body: { amount: number, currency: string } }>('/payments', async (request, reply) => {

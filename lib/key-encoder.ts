@@ -1,24 +1,33 @@
 /**
  * The default store key: a fixed prefix and a SHA-256 of the key's parts.
  * Store keys thus have a bounded length whatever the client sends, and no
- * client input can forge another key's separator.
+ * client input can forge another key's separator. A store that never leaves
+ * the process (the memory store) needs neither the bound nor the hash: it
+ * gets the parts themselves, delimited the same way.
  */
 import { hash } from 'node:crypto'
 import type { KeyEncoder, KeyParts } from '../types/index.js'
 
 export const KEY_PREFIX = 'idem:'
 
-export function defaultKeyEncoder (parts: KeyParts): string {
-  // Every part but the last is length-prefixed or free of '|', so no two
-  // different sets of parts give the same string.
+/** The parts as one string: every part but the last is length-prefixed or free of '|', so no two sets of parts give the same string. */
+function joined (parts: KeyParts): string {
   const scope = parts.scope === undefined ? '-' : parts.scope.length + ':' + parts.scope
-  const input = scope + '|' + parts.method + '|' + parts.path.length + ':' + parts.path + '|' + parts.key
-  return KEY_PREFIX + hash('sha256', input, 'base64url')
+  return scope + '|' + parts.method + '|' + parts.path.length + ':' + parts.path + '|' + parts.key
+}
+
+export function defaultKeyEncoder (parts: KeyParts): string {
+  return KEY_PREFIX + hash('sha256', joined(parts), 'base64url')
+}
+
+/** The default store key of a store in this process: the parts, unhashed (logs show a hash of it). */
+export function localKeyEncoder (parts: KeyParts): string {
+  return KEY_PREFIX + joined(parts)
 }
 
 /**
  * How logs name a store key: as it is when the default encoder made it (a
- * hash already), hashed when a custom encoder may have put the client's key
+ * hash already), hashed when another encoder may have put the client's key
  * in it.
  */
 export function logKeyFor (encoder: KeyEncoder): (storeKey: string) => string {

@@ -1,21 +1,24 @@
 /**
  * Plugin options: one TypeBox schema, checked once at registration; defaults
- * filled once; the result is the settings every hook reads.
+ * filled once. The options a route may override are listed once
+ * (`INHERITABLE`), and one function (`inherit`) applies them, both to the
+ * plugin's options over the defaults and to a route's over the plugin's.
  */
 import { METHODS } from 'node:http'
+import { parse as parseDuration } from '@lukeed/ms'
 import { Kind, Type, TypeRegistry, type TSchema } from '@sinclair/typebox'
 import { Value } from '@sinclair/typebox/value'
 import { ValueErrorType } from '@sinclair/typebox/errors'
+import type { preHandlerHookHandler } from 'fastify'
 import { InvalidOptionError } from './errors.js'
 import { defaultFingerprint } from './fingerprint.js'
-import { defaultKeyEncoder, logKeyFor } from './key-encoder.js'
 import type { KeyRules } from './header.js'
+import { defaultKeyEncoder } from './key-encoder.js'
 import { unsavedHeaders } from './response.js'
-import type { preHandlerHookHandler } from 'fastify'
-import type { StatsSettings } from './stats.js'
+import { warnings } from './warnings.js'
 import type {
-  FastifyIdempotencyOptions, FingerprintFunction, IdempotencyEvent, IdempotencyMode, IdempotencyRouteOptions,
-  IdempotencyStore, KeyEncoder, ScopeFunction, StoreErrorEvent, StoreErrorPolicy
+  FastifyIdempotencyOptions, FingerprintFunction, IdempotencyEvent, IdempotencyMode, IdempotencyStore,
+  InheritableOptions, KeyEncoder, ScopeFunction, StoreErrorEvent, StoreErrorPolicy
 } from '../types/index.js'
 
 if (!TypeRegistry.Has('IdempotencyRegExp')) {
@@ -24,16 +27,17 @@ if (!TypeRegistry.Has('IdempotencyRegExp')) {
 
 const TOKEN = '^[!#$%&\'*+.^_`|~0-9A-Za-z-]+$'
 const fn = (errorMessage: string): TSchema => Type.Function([Type.Any()], Type.Any(), { errorMessage })
+const DURATION_MESSAGE = 'a number of ms or a string such as \'24h\', \'90s\' or \'500ms\''
+/** A number of ms or a duration string; its value is checked after parsing (`duration`). */
+const durationSchema = (errorMessage: string) => Type.Union([Type.Number(), Type.String()], { errorMessage })
 
-/** Schemas shared by the plugin options and the route config. */
-export const shared = {
-  ttl: Type.Union([Type.Integer({ minimum: 1 }), Type.Null()], {
-    errorMessage: 'must be a positive integer (ms) or null'
-  }),
+/** The schemas of the inheritable options, shared by the plugin options and the route config. */
+export const inheritableSchema = {
+  ttl: Type.Union([Type.Number(), Type.String(), Type.Null()], { errorMessage: `must be a positive duration (${DURATION_MESSAGE}) or null` }),
   storeOnStatuses: Type.Array(Type.Integer({ minimum: 100, maximum: 599 }), {
     minItems: 1, errorMessage: 'must be a non-empty array of HTTP status codes'
   }),
-  conflictStatusCode: Type.Union([Type.Integer({ minimum: 200, maximum: 599 }), Type.Null()], {
+  replayStatusCode: Type.Union([Type.Integer({ minimum: 200, maximum: 599 }), Type.Null()], {
     errorMessage: 'must be an HTTP status code from 200 to 599, or null'
   }),
   fingerprint: Type.Union([Type.Boolean(), fn('')], {
@@ -46,7 +50,82 @@ export const shared = {
   onReplay: fn('must be a function (request, key) => void'),
   onConflict: fn('must be a function (request, key) => void'),
   onMismatch: fn('must be a function (request, key) => void'),
-  redisNamespace: Type.String({ minLength: 1, errorMessage: 'must be the non-empty name of a @fastify/redis namespace' })
+  namespace: Type.String({ pattern: '^[^{}]+$', errorMessage: 'must be a non-empty string without { or }' }),
+  redisNamespace: Type.String({ minLength: 1, errorMessage: 'must be the non-empty name of a @fastify/redis namespace' }),
+  pgNamespace: Type.String({ minLength: 1, errorMessage: 'must be the non-empty name of a @fastify/postgres database' })
+} satisfies Record<keyof InheritableOptions, TSchema>
+
+/** A duration option's value in ms: a positive integer (or at least `minimum`), from a number or a string. */
+export function duration (value: number | string, path: string, fail: (path: string, message: string) => Error, minimum = 1): number {
+  const ms = typeof value === 'number' ? value : parseDuration(value)
+  if (ms === undefined || !Number.isInteger(ms) || ms < minimum) {
+    const bound = minimum === 0 ? 'a duration of at least 0' : minimum === 1 ? 'a positive duration' : `a duration of at least ${minimum} ms`
+    throw fail(path, `must be ${bound} (${DURATION_MESSAGE}); got ${JSON.stringify(value)}`)
+  }
+  return ms
+}
+
+/** The inheritable options, resolved: what every route's settings carry. */
+export interface Inherited {
+  ttl: number | null
+  storeOnStatuses: ReadonlySet<number>
+  replayStatusCode: number | null
+  fingerprint: FingerprintFunction | undefined
+  scope: ScopeFunction | undefined
+  /** As given: a policy, or a function that picks one per failure (nothing picked: fail-closed). */
+  onStoreError: StoreErrorPolicy | StoreErrorEvent
+  onReplay: IdempotencyEvent | undefined
+  onConflict: IdempotencyEvent | undefined
+  onMismatch: IdempotencyEvent | undefined
+  namespace: string
+  redisNamespace: string | undefined
+  pgNamespace: string | undefined
+}
+
+type Fail = (path: string, message: string) => Error
+
+/** How each inheritable option is resolved when it is given. The keys are the list of inheritable options. */
+const RESOLVE: { [K in keyof Inherited]: (value: Exclude<InheritableOptions[K], undefined>, fail: Fail) => Inherited[K] } = {
+  ttl: (value, fail) => value === null ? null : duration(value, 'ttl', fail),
+  storeOnStatuses: (value) => new Set(value),
+  replayStatusCode: (value) => value,
+  fingerprint: (value) => value === false ? undefined : value === true ? defaultFingerprint : value,
+  scope: (value) => value,
+  onStoreError: (value) => value,
+  onReplay: (value) => value,
+  onConflict: (value) => value,
+  onMismatch: (value) => value,
+  namespace: (value) => value,
+  redisNamespace: (value) => value,
+  pgNamespace: (value) => value
+}
+
+/** The options a route's `config.idempotency` may override. */
+export const INHERITABLE = Object.keys(RESOLVE) as Array<keyof Inherited>
+
+const DEFAULTS: Inherited = {
+  ttl: 24 * 60 * 60 * 1000,
+  storeOnStatuses: new Set([200, 201, 202, 203, 204, 205, 206, 207]),
+  replayStatusCode: null,
+  fingerprint: defaultFingerprint,
+  scope: undefined,
+  onStoreError: 'fail-closed',
+  onReplay: undefined,
+  onConflict: undefined,
+  onMismatch: undefined,
+  namespace: 'idempotency',
+  redisNamespace: undefined,
+  pgNamespace: undefined
+}
+
+/** `parent` with every inheritable option that `options` sets replaced by its resolved value. */
+export function inherit (options: InheritableOptions, parent: Inherited, fail: Fail): Inherited {
+  const resolved = { ...parent }
+  for (const name of INHERITABLE) {
+    const value = options[name]
+    if (value !== undefined) (resolved as Record<string, unknown>)[name] = (RESOLVE[name] as (value: unknown, fail: Fail) => unknown)(value, fail)
+  }
+  return resolved
 }
 
 const storeSchema = Type.Object({
@@ -57,33 +136,40 @@ const storeSchema = Type.Object({
 })
 
 const statsSchema = Type.Object({
-  ttl: Type.Optional(Type.Integer({ minimum: 1, errorMessage: 'must be a positive integer (ms)' })),
-  flushInterval: Type.Optional(Type.Integer({ minimum: 1, errorMessage: 'must be a positive integer (ms)' })),
+  ttl: Type.Optional(durationSchema(`must be a positive duration (${DURATION_MESSAGE})`)),
+  flushInterval: Type.Optional(durationSchema(`must be a positive duration (${DURATION_MESSAGE})`)),
   route: Type.Optional(Type.String({ pattern: '^/', errorMessage: 'must be a path starting with /' })),
   preHandler: Type.Optional(Type.Union([fn(''), Type.Array(fn(''))], { errorMessage: 'must be a preHandler hook or an array of them' })),
   warnRecords: Type.Optional(Type.Integer({ minimum: 0, errorMessage: 'must be an integer of at least 0' }))
 }, { additionalProperties: false })
 
+const redisSchema = Type.Object({
+  requireNoEviction: Type.Optional(Type.Boolean()),
+  replicas: Type.Optional(Type.Integer({ minimum: 0, errorMessage: 'must be an integer of at least 0' })),
+  replicaTimeout: Type.Optional(durationSchema(`must be a positive duration (${DURATION_MESSAGE})`))
+}, { additionalProperties: false })
+
+const postgresSchema = Type.Object({
+  table: Type.Optional(Type.String({ minLength: 1, errorMessage: 'must be a table name, optionally schema-qualified (\'schema.table\')' })),
+  createTable: Type.Optional(Type.Boolean())
+}, { additionalProperties: false })
+
 const optionsSchema = Type.Partial(Type.Object({
+  ...inheritableSchema,
   header: Type.String({ pattern: TOKEN, errorMessage: 'must be a valid HTTP header name' }),
   methods: Type.Array(Type.String(), { minItems: 1, errorMessage: 'must be a non-empty array of HTTP methods' }),
   mode: Type.Union([Type.Literal('optional'), Type.Literal('required'), Type.Literal('exempt')], {
     errorMessage: 'must be \'optional\', \'required\' or \'exempt\''
   }),
   endpoints: Type.Array(Type.String(), { errorMessage: 'must be an array of strings' }),
-  ttl: shared.ttl,
-  lockTtl: Type.Integer({ minimum: 3, errorMessage: 'must be an integer of at least 3 (ms)' }),
+  lockTtl: durationSchema(`must be a duration of at least 1000 ms (${DURATION_MESSAGE})`),
   inFlight: Type.Object({
-    wait: Type.Optional(Type.Integer({ minimum: 0, errorMessage: 'must be an integer of at least 0 (ms)' })),
+    wait: Type.Optional(durationSchema(`must be a duration of at least 0 (${DURATION_MESSAGE})`)),
     statusCode: Type.Optional(Type.Union([Type.Literal(409), Type.Literal(423)], { errorMessage: 'must be 409 or 423' }))
   }, { additionalProperties: false }),
-  storeOnStatuses: shared.storeOnStatuses,
-  conflictStatusCode: shared.conflictStatusCode,
   replayHeader: Type.Union([Type.String({ pattern: TOKEN }), Type.Literal(false)], {
     errorMessage: 'must be a valid HTTP header name or false'
   }),
-  fingerprint: shared.fingerprint,
-  scope: shared.scope,
   key: Type.Object({
     maxLength: Type.Optional(Type.Integer({ minimum: 1, maximum: 8192, errorMessage: 'must be an integer from 1 to 8192' })),
     pattern: Type.Optional(Type.Unsafe<RegExp>({ [Kind]: 'IdempotencyRegExp', errorMessage: 'must be a RegExp' })),
@@ -92,154 +178,166 @@ const optionsSchema = Type.Partial(Type.Object({
   keyEncoder: fn('must be a function (parts) => string'),
   telemetry: Type.Boolean(),
   replaySetCookie: Type.Boolean(),
-  store: Type.Union([Type.Literal('memory'), Type.Literal('redis'), storeSchema], {
-    errorMessage: 'must be \'memory\', \'redis\' or an object with claim, complete, release and renew methods'
+  store: Type.Union([Type.Literal('memory'), Type.Literal('redis'), Type.Literal('postgres'), storeSchema], {
+    errorMessage: 'must be \'memory\', \'redis\', \'postgres\' or an object with claim, complete, release and renew methods'
   }),
-  redisNamespace: shared.redisNamespace,
-  storeTimeout: Type.Integer({ minimum: 1, errorMessage: 'must be a positive integer (ms)' }),
-  onStoreError: shared.onStoreError,
-  onReplay: shared.onReplay,
-  onConflict: shared.onConflict,
-  onMismatch: shared.onMismatch,
+  redis: redisSchema,
+  postgres: postgresSchema,
+  storeTimeout: durationSchema(`must be a positive duration (${DURATION_MESSAGE})`),
+  replayCache: Type.Integer({ minimum: 0, errorMessage: 'must be a number of bytes (an integer of at least 0)' }),
   errors: Type.Union([Type.Literal('fastify'), Type.Literal('problem+json')], {
     errorMessage: 'must be \'fastify\' or \'problem+json\''
   }),
   stats: Type.Union([Type.Literal(false), statsSchema], { errorMessage: 'must be false or an object { ttl, flushInterval, route, preHandler, warnRecords }' })
 }), { additionalProperties: false })
 
+/** The route config schema: the inheritable options and the route's own. */
+export const routeConfigSchema = Type.Partial(Type.Object({
+  ...inheritableSchema,
+  required: Type.Boolean(),
+  manual: Type.Boolean()
+}), { additionalProperties: false })
+
+/** Every option name the plugin accepts (derived from the schema, for tests and docs). */
+export const OPTION_NAMES = Object.keys(optionsSchema.properties)
+
 /** An `endpoints` entry: an optional method (`*` for any) and a path prefix. */
 export interface Endpoint {
   method: string | undefined
   prefix: string
+  /** The pattern as written, for the warning when it covers no route. */
+  pattern: string
 }
 
-/** The options after validation, with every default filled in. */
+export interface StatsSettings {
+  ttl: number
+  flushInterval: number
+  warnRecords: number
+  /** False with `stats: false`: nothing is counted; `fastify.idempotency.stats()` still reports the store. */
+  counting: boolean
+  route: string | undefined
+  preHandler: preHandlerHookHandler[]
+}
+
+export interface PostgresSettings {
+  table?: string
+  createTable?: boolean
+}
+
+export interface RedisSettings {
+  requireNoEviction: boolean
+  replicas: number
+  replicaTimeout: number
+}
+
+/**
+ * The options after validation, with every default filled in: the plugin's
+ * own settings, and the inheritable ones that routes start from.
+ */
 export interface PluginSettings {
   header: string
   methods: ReadonlySet<string>
   mode: IdempotencyMode
   endpoints: readonly Endpoint[]
-  ttl: number | null
   lockTtl: number
   inFlightWait: number
   inFlightStatus: 409 | 423
-  storeOnStatuses: ReadonlySet<number>
-  conflictStatusCode: number | null
   replayHeader: string | false
-  fingerprint: FingerprintFunction | undefined
-  scope: ScopeFunction | undefined
   keyRules: KeyRules
   keyEncoder: KeyEncoder
-  /** How logs name a store key (see `logKeyFor`). */
-  logKey: (storeKey: string) => string
   telemetry: boolean
   /** Headers never saved with a response. */
   unsavedHeaders: ReadonlySet<string>
-  store: 'memory' | 'redis' | IdempotencyStore
-  redisNamespace: string | undefined
+  store: 'memory' | 'redis' | 'postgres' | IdempotencyStore
+  redis: RedisSettings
+  postgres: PostgresSettings
   storeTimeout: number
-  storeErrorPolicy: StoreErrorPolicy
-  events: Events
+  replayCache: number
   problemJson: boolean
-  /** `counting` is false with `stats: false`; the rest still serves `fastify.idempotency.stats()`. */
-  stats: StatsSettings & { counting: boolean, route: string | undefined, preHandler: preHandlerHookHandler[] }
+  stats: StatsSettings
+  /** What routes inherit. */
+  inherited: Inherited
 }
 
-/** The event callbacks of a route (or of the plugin). */
-export interface Events {
-  onReplay: IdempotencyEvent | undefined
-  onConflict: IdempotencyEvent | undefined
-  onMismatch: IdempotencyEvent | undefined
-  onStoreError: StoreErrorEvent | undefined
-}
-
-/** The events of `options`, falling back to `inherited` for each one it does not set. */
-export function resolveEvents (options: FastifyIdempotencyOptions | IdempotencyRouteOptions, inherited?: Events): Events {
-  const onStoreError = typeof options.onStoreError === 'function' ? options.onStoreError : undefined
-  return {
-    onReplay: options.onReplay ?? inherited?.onReplay,
-    onConflict: options.onConflict ?? inherited?.onConflict,
-    onMismatch: options.onMismatch ?? inherited?.onMismatch,
-    onStoreError: options.onStoreError === undefined ? inherited?.onStoreError : onStoreError
-  }
-}
-
-/** The policy that `onStoreError` names; a function's policy is decided per failure. */
-export function storeErrorPolicy (option: StoreErrorPolicy | StoreErrorEvent | undefined, inherited: StoreErrorPolicy = 'fail-closed'): StoreErrorPolicy {
-  if (option === undefined) return inherited
-  return typeof option === 'function' ? 'fail-closed' : option
-}
-
-const DEFAULT_STATUSES = [200, 201, 202, 203, 204, 205, 206, 207]
-
-/** Throws `FST_IDEMPOTENCY_INVALID_OPTION` naming the first option that does not fit `schema`. */
-export function check (schema: TSchema, value: unknown, fail: (path: string, message: string) => Error): void {
+/** Throws the error `fail` makes, naming the first option that does not fit `schema`. */
+export function check (schema: TSchema, value: unknown, fail: Fail): void {
   const error = Value.Errors(schema, value).First()
   if (error === undefined) return
   const message = (error.schema as { errorMessage?: string }).errorMessage || error.message
-  throw fail(error.path.slice(1).replaceAll('/', '.') || '(options)', error.type === ValueErrorType.ObjectAdditionalProperties ? 'unknown option' : message)
+  throw fail(error.path.slice(1).replaceAll('/', '.'), error.type === ValueErrorType.ObjectAdditionalProperties ? 'unknown option' : message)
 }
 
+const invalid: Fail = (path, message) => new InvalidOptionError(path, message)
+
+const MIN_LOCK_TTL = 1000
+
 export function resolveOptions (options: FastifyIdempotencyOptions): PluginSettings {
-  // A stats object is checked against the object schema itself, so the error names the bad field, not the union.
+  // An object is checked against its own schema first, so the error names the bad field, not the union.
   const stats: unknown = options.stats
   if (typeof stats === 'object' && stats !== null && !Array.isArray(stats)) {
-    check(statsSchema, stats, (path, message) => new InvalidOptionError(`stats.${path}`, message))
+    check(statsSchema, stats, (path, message) => invalid(`stats.${path}`, message))
   }
-  check(optionsSchema, options, (path, message) => new InvalidOptionError(path, message))
+  check(optionsSchema, options, invalid)
   const header = (options.header ?? 'idempotency-key').toLowerCase()
   const key = options.key ?? {}
   const statsOptions = options.stats || {}
   const statsPreHandler = [statsOptions.preHandler ?? []].flat()
   if (statsOptions.route !== undefined && statsPreHandler.length === 0) {
-    throw new InvalidOptionError('stats.preHandler', 'is required with stats.route: give the application\'s authentication, so that the stats page is never open by accident')
+    throw invalid('stats.preHandler', 'is required with stats.route: give the application\'s authentication, so that the stats page is never open by accident')
   }
+  const store = options.store ?? 'memory'
+  const storeTimeout = options.storeTimeout === undefined ? 2000 : duration(options.storeTimeout, 'storeTimeout', invalid)
+  // Renewals must be able to reach the store, and time out, several times within one lease.
+  const minLockTtl = store === 'redis' || store === 'postgres' ? Math.max(MIN_LOCK_TTL, 3 * storeTimeout) : MIN_LOCK_TTL
+  const lockTtl = options.lockTtl === undefined ? 60_000 : duration(options.lockTtl, 'lockTtl', invalid, minLockTtl)
   const keyEncoder = options.keyEncoder ?? defaultKeyEncoder
   const replayHeader = options.replayHeader === false ? false : (options.replayHeader ?? 'idempotent-replayed').toLowerCase()
+  const inherited = inherit(options, DEFAULTS, invalid)
+  warnAboutDurations(options, inherited, lockTtl)
   return {
     header,
     methods: new Set((options.methods ?? ['POST', 'PUT', 'PATCH', 'DELETE']).map((method, i) => checkMethod(method, `methods.${i}`))),
     mode: options.mode ?? 'optional',
     endpoints: (options.endpoints ?? []).map(parseEndpoint),
-    ttl: options.ttl === undefined ? 24 * 60 * 60 * 1000 : options.ttl,
-    lockTtl: options.lockTtl ?? 60_000,
-    inFlightWait: options.inFlight?.wait ?? 0,
+    lockTtl,
+    inFlightWait: options.inFlight?.wait === undefined ? 0 : duration(options.inFlight.wait, 'inFlight.wait', invalid, 0),
     inFlightStatus: options.inFlight?.statusCode ?? 409,
-    storeOnStatuses: new Set(options.storeOnStatuses ?? DEFAULT_STATUSES),
-    conflictStatusCode: options.conflictStatusCode ?? null,
     replayHeader,
-    fingerprint: resolveFingerprint(options.fingerprint),
-    scope: options.scope,
     keyRules: { header, maxLength: key.maxLength ?? 255, pattern: key.pattern, uuid: key.uuid ?? false },
     keyEncoder,
-    logKey: logKeyFor(keyEncoder),
     telemetry: options.telemetry ?? false,
     unsavedHeaders: unsavedHeaders(replayHeader, options.replaySetCookie ?? false),
-    store: options.store ?? 'memory',
-    redisNamespace: options.redisNamespace,
-    storeTimeout: options.storeTimeout ?? 2000,
-    storeErrorPolicy: storeErrorPolicy(options.onStoreError),
-    events: resolveEvents(options),
+    store,
+    redis: {
+      requireNoEviction: options.redis?.requireNoEviction ?? false,
+      replicas: options.redis?.replicas ?? 0,
+      replicaTimeout: options.redis?.replicaTimeout === undefined ? 100 : duration(options.redis.replicaTimeout, 'redis.replicaTimeout', invalid)
+    },
+    postgres: { ...options.postgres },
+    storeTimeout,
+    replayCache: options.replayCache ?? 16 * 1024 * 1024,
     problemJson: options.errors === 'problem+json',
     stats: {
       counting: options.stats !== false,
-      ttl: statsOptions.ttl ?? 7 * 24 * 60 * 60 * 1000,
-      flushInterval: statsOptions.flushInterval ?? 1000,
-      warnRecords: statsOptions.warnRecords ?? 100_000,
+      ttl: statsOptions.ttl === undefined ? 7 * 24 * 60 * 60 * 1000 : duration(statsOptions.ttl, 'stats.ttl', invalid),
+      flushInterval: statsOptions.flushInterval === undefined ? 1000 : duration(statsOptions.flushInterval, 'stats.flushInterval', invalid),
+      warnRecords: statsOptions.warnRecords ?? 8000,
       route: statsOptions.route,
       preHandler: statsPreHandler
-    }
+    },
+    inherited
   }
 }
 
-export function resolveFingerprint (option: boolean | FingerprintFunction | undefined): FingerprintFunction | undefined {
-  if (option === false) return undefined
-  return typeof option === 'function' ? option : defaultFingerprint
+/** Start-up warnings for durations that run but are probably not what was meant. */
+function warnAboutDurations (options: FastifyIdempotencyOptions, inherited: Inherited, lockTtl: number): void {
+  if (typeof options.ttl === 'number' && options.ttl < 1000) warnings.ttlLooksLikeSeconds('ttl', options.ttl, `${options.ttl}s`)
+  if (inherited.ttl !== null && inherited.ttl < lockTtl) warnings.ttlBelowLockTtl(inherited.ttl, lockTtl)
 }
 
 function checkMethod (method: string, path: string): string {
   const upper = method.toUpperCase()
-  if (!METHODS.includes(upper)) throw new InvalidOptionError(path, `"${method}" is not an HTTP method`)
+  if (!METHODS.includes(upper)) throw invalid(path, `"${method}" is not an HTTP method`)
   return upper
 }
 
@@ -248,7 +346,7 @@ function parseEndpoint (pattern: string, i: number): Endpoint {
   const parts = pattern.trim().split(/\s+/)
   const [method, prefix] = parts.length === 2 ? parts : [undefined, parts[0]]
   if (parts.length > 2 || !prefix.startsWith('/')) {
-    throw new InvalidOptionError(path, `"${pattern}" must be "/prefix", "METHOD /prefix" or "* /prefix"`)
+    throw invalid(path, `"${pattern}" must be "/prefix", "METHOD /prefix" or "* /prefix"`)
   }
-  return { method: method === undefined || method === '*' ? method : checkMethod(method, path), prefix }
+  return { method: method === undefined || method === '*' ? method : checkMethod(method, path), prefix, pattern }
 }

@@ -1,9 +1,9 @@
 /**
- * Saving a reply as it leaves (status, headers, serialized bytes) and sending
- * a saved one again.
+ * Saving a reply as it passes the plugin's onSend hook (status, headers,
+ * serialized body) and sending a saved one again, in the same form: later
+ * onSend hooks see a replay as they saw the original.
  */
 import type { FastifyReply } from 'fastify'
-import type { RouteSettings } from './route-config.js'
 import type { StoredResponse } from '../types/index.js'
 
 /**
@@ -25,24 +25,28 @@ export function unsavedHeaders (replayHeader: string | false, replaySetCookie: b
   if (!replaySetCookie) names.add('set-cookie')
   return names
 }
+
+/** The body of a reply that had none. */
 const EMPTY = Buffer.alloc(0)
 
-/** The reply as a storable response, or undefined when its payload cannot be saved (a stream). */
-export function captureResponse (reply: FastifyReply, payload: unknown, unsaved: ReadonlySet<string>): StoredResponse | undefined {
-  let body: Buffer
-  if (typeof payload === 'string') body = Buffer.from(payload)
-  else if (Buffer.isBuffer(payload)) body = payload
+/**
+ * The reply as a storable response, or null when its payload cannot be saved
+ * (a stream, or a value Fastify will refuse to send).
+ */
+export function captureResponse (reply: FastifyReply, payload: unknown, unsaved: ReadonlySet<string>): StoredResponse | null {
+  let body: string | Buffer
+  if (typeof payload === 'string' || Buffer.isBuffer(payload)) body = payload
   else if (payload === undefined || payload === null) body = EMPTY
-  else return undefined
-  const headers: Record<string, string | string[]> = {}
-  const sent = reply.getHeaders()
-  const named = connectionOptions(sent.connection)
-  for (const name in sent) {
-    const value = sent[name]
-    if (value === undefined || unsaved.has(name) || named.includes(name)) continue
-    headers[name] = typeof value === 'number' ? String(value) : value
+  else return null
+  // getHeaders() gives a fresh object: the unsaved headers are taken out of it in place.
+  const headers = reply.getHeaders() as Record<string, string | string[] | number | undefined>
+  const named = connectionOptions(headers.connection)
+  for (const name in headers) {
+    const value = headers[name]
+    if (value === undefined || unsaved.has(name) || named.includes(name)) delete headers[name]
+    else if (typeof value === 'number') headers[name] = String(value)
   }
-  return { statusCode: reply.statusCode, headers, body }
+  return { statusCode: reply.statusCode, headers: headers as Record<string, string | string[]>, body }
 }
 
 const NONE: readonly string[] = []
@@ -53,10 +57,25 @@ function connectionOptions (connection: string | number | string[] | undefined):
   return String(connection).toLowerCase().split(',').map((name) => name.trim())
 }
 
-/** Sends `response` again, as stored bytes: never through the route's serializer. */
-export function replayResponse (reply: FastifyReply, response: StoredResponse, route: RouteSettings, replayHeader: string | false): FastifyReply {
-  reply.code(route.conflictStatusCode ?? response.statusCode)
+/** Starts sending `response` again, with `statusCode`: never through the route's serializer. */
+export function replayResponse (reply: FastifyReply, response: StoredResponse, statusCode: number, replayHeader: string | false): FastifyReply {
+  reply.code(statusCode)
   reply.headers(response.headers)
   if (replayHeader !== false) reply.header(replayHeader, 'true')
-  return reply.send(response.body.length === 0 && response.headers['content-type'] === undefined ? undefined : response.body)
+  return reply.send(bodyOf(response))
+}
+
+/**
+ * The payload a replay hands to the onSend hooks after the plugin's: the
+ * saved body in its original form. Fastify's `send` adds a content-type to a
+ * string or Buffer that has none; the original had none, so it goes again.
+ */
+export function replayPayload (reply: FastifyReply, response: StoredResponse): string | Buffer | undefined {
+  if (response.headers['content-type'] === undefined) reply.removeHeader('content-type')
+  return bodyOf(response)
+}
+
+/** A saved body, or undefined for a reply that had none. */
+function bodyOf (response: StoredResponse): string | Buffer | undefined {
+  return response.body === EMPTY || (Buffer.isBuffer(response.body) && response.body.length === 0) ? undefined : response.body
 }

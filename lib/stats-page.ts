@@ -23,6 +23,12 @@ function bytes (n: number | undefined): string {
   return `${(n / 1024 / 1024).toFixed(1)} MiB`
 }
 
+/** Memory used, and against the bound when there is one. */
+function memory (store: IdempotencyStats['store']): string {
+  if (store.maxBytes === undefined || store.bytes === undefined) return bytes(store.bytes)
+  return `${bytes(store.bytes)} of ${bytes(store.maxBytes)}`
+}
+
 export function renderStatsPage (stats: IdempotencyStats, now: number): string {
   const { totals, store } = stats
   const approx = store.estimated ? '≈ ' : ''
@@ -50,8 +56,11 @@ dt { font-weight: 600; }
 <h1>Idempotency stats</h1>
 ${stats.warning === undefined ? '' : `<p class="warning" id="warning">${escape(stats.warning)}</p>`}
 <dl>
-<dt>Store records</dt><dd id="records">${approx}${store.records}</dd>
-<dt>Store memory</dt><dd id="bytes">${approx}${bytes(store.bytes)}</dd>
+<dt>Saved responses</dt><dd id="records">${approx}${store.records}</dd>
+<dt>Requests in flight</dt><dd id="in-flight">${store.inFlight === undefined ? 'unknown' : approx + store.inFlight}</dd>
+<dt>Store memory</dt><dd id="bytes">${approx}${memory(store)}</dd>
+<dt>Evicted before their ttl</dt><dd id="evictions">${store.evictions ?? 'unknown'}</dd>
+${store.evictionPolicy === undefined ? '' : `<dt>Eviction policy</dt><dd id="policy">${escape(store.evictionPolicy)}</dd>`}
 <dt>Duplicates</dt><dd id="duplicates">${totals.duplicates}</dd>
 <dt>Executed</dt><dd id="executed">${totals.executed}</dd>
 <dt>Last duplicate</dt><dd id="last-duplicate">${when(totals.lastDuplicateAt)}</dd>
@@ -67,6 +76,15 @@ ${rows || '<tr><td colspan="9">No requests yet</td></tr>'}
 </body>
 </html>
 `
+}
+
+/** The stats route's response schema (JSON; the HTML page is a string). */
+export const statsSchema = {
+  response: {
+    200: {
+      anyOf: [{ type: 'string' }, { type: 'object', additionalProperties: true }]
+    }
+  }
 }
 
 /** The handler of the stats route. */

@@ -8,6 +8,7 @@
  * totals, so that `stats.ttl` counts from their last change, as in Redis, not
  * from a read.
  */
+import type { StatsSettings } from './options.js'
 import type { IdempotencyStats, IdempotencyStore, RouteCounters, StatsCounts, StoreUsage } from '../types/index.js'
 
 export const COUNTERS = ['executed', 'replayed', 'conflicts', 'mismatches', 'missingKeys', 'invalidKeys', 'storeErrors'] as const
@@ -22,12 +23,6 @@ export function addCounters (into: RouteCounters, from: RouteCounters): void {
   if (from.lastDuplicateAt > into.lastDuplicateAt) into.lastDuplicateAt = from.lastDuplicateAt
 }
 
-export interface StatsSettings {
-  ttl: number
-  flushInterval: number
-  warnRecords: number
-}
-
 export class Stats {
   /** Counts not yet sent to the store, per route; requests write here. */
   private readonly pending = new Map<string, RouteCounters>()
@@ -36,7 +31,8 @@ export class Stats {
   /** In-process totals, when the store does not keep them. */
   private local: StatsCounts = {}
   private localChangedAt = 0
-  private readonly timer: NodeJS.Timeout
+  /** Only while counting (not with `stats: false`). */
+  private readonly timer: NodeJS.Timeout | undefined
 
   constructor (
     private readonly store: IdempotencyStore,
@@ -45,7 +41,9 @@ export class Stats {
     private readonly now: () => number = Date.now
   ) {
     this.shared = store.addStats !== undefined && store.readStats !== undefined
-    this.timer = setInterval(() => { this.flush().catch(this.onFlushError) }, settings.flushInterval).unref()
+    this.timer = settings.counting
+      ? setInterval(() => { this.flush().catch(this.onFlushError) }, settings.flushInterval).unref()
+      : undefined
   }
 
   /** The pending counters of a route, made once when the route is added. */
@@ -95,10 +93,18 @@ export class Stats {
       totals.duplicates += duplicates
     }
     routes.sort((a, b) => b.duplicates - a.duplicates || b.lastDuplicateAt - a.lastDuplicateAt || a.route.localeCompare(b.route))
-    const warning = usage.records > this.settings.warnRecords
-      ? `The store holds ${usage.records} records, more than ${this.settings.warnRecords}: check ttl, or that keys are not generated per attempt.`
-      : undefined
-    return { routes, totals, store: usage, warning }
+    const found: string[] = []
+    if (usage.records > this.settings.warnRecords) {
+      found.push(`The store holds ${usage.records} records, more than ${this.settings.warnRecords}: check ttl, or that keys are not generated per attempt.`)
+    }
+    if (usage.bytes !== undefined && usage.maxBytes !== undefined && usage.bytes > 0.9 * usage.maxBytes) {
+      found.push(`The store uses ${Math.round(100 * usage.bytes / usage.maxBytes)}% of its memory bound.`)
+    }
+    if (usage.evictions !== undefined && usage.evictions > 0) {
+      found.push(`${usage.evictions} saved responses were evicted before their ttl: a retry of one of them runs the handler again.`)
+    }
+    if (usage.warnings !== undefined) found.push(...usage.warnings)
+    return { routes, totals, store: usage, warning: found.length === 0 ? undefined : found.join(' ') }
   }
 
   /** Stops the timer and sends what is pending; a failure is reported, never thrown. */

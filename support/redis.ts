@@ -55,8 +55,14 @@ export interface RedisServer {
 }
 
 export interface RedisServerOptions {
-  /** More `redis-server` arguments; they override the defaults (e.g. `['--appendonly', 'yes']`). */
+  /** More `redis-server` arguments; they override the defaults and the options below (e.g. `['--appendonly', 'yes']`). */
   args?: string[]
+  /** `maxmemory`, e.g. `'2mb'`. */
+  maxmemory?: string
+  /** `maxmemory-policy`, e.g. `'allkeys-lru'`. */
+  policy?: string
+  /** A replica of the server on this port: started with `--replicaof`, returned once its link to the primary is up. */
+  replicaOf?: number
 }
 
 export interface RedisCluster {
@@ -137,10 +143,23 @@ async function spawnServer (extra: (port: number) => Promise<string[]>, dir: str
 /** Starts a `redis-server` on a free loopback port, persistence off unless `args` say otherwise; `stop()` kills it. */
 export async function startRedis (options: RedisServerOptions = {}): Promise<RedisServer> {
   const dir = mkdtempSync(join(tmpdir(), 'idem-redis-'))
-  const extra = async () => options.args ?? []
+  const args: string[] = []
+  if (options.maxmemory !== undefined) args.push('--maxmemory', options.maxmemory)
+  if (options.policy !== undefined) args.push('--maxmemory-policy', options.policy)
+  if (options.replicaOf !== undefined) args.push('--replicaof', HOST, String(options.replicaOf))
+  args.push(...options.args ?? [])
+  const extra = async () => args
   try {
     let server = await spawnServer(extra, dir)
     const port = server.port
+    if (options.replicaOf !== undefined) {
+      await waitFor(`the replica on port ${port} to sync with port ${options.replicaOf}`,
+        async () => (await ask(port, 'INFO replication'))?.includes('master_link_status:up') === true, () => server.output())
+        .catch(async (err: unknown) => {
+          await server.stop()
+          throw err
+        })
+    }
     let earlier = ''
     return {
       port,

@@ -34,7 +34,7 @@ test('@fastify/compress registered after the plugin: one run, stored uncompresse
 
   t.equal(store.completes.length, 1)
   const saved = store.completes[0].response
-  t.same(saved.body, plain, 'the stored body is the uncompressed payload')
+  t.same(Buffer.from(saved.body), plain, 'the stored body is the uncompressed payload')
   t.equal(saved.headers['content-encoding'], undefined)
 
   const gzip = await send('gzip')

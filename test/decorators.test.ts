@@ -7,9 +7,15 @@ import { test } from 'tap'
 import Fastify from 'fastify'
 import fastifyIdempotency, { MemoryStore } from '../index.js'
 import type { IdempotencyReplyState } from '../index.js'
-import { WARN, build, capturingLogger, type LogLine } from './helpers/app.js'
+import { build } from './helpers/app.js'
 
-const NO_KEY = { key: undefined, exists: false, replayed: false, response: undefined }
+const NO_KEY = { key: undefined, exists: false, replayed: false, response: undefined, token: undefined }
+
+/** The data fields of `reply.idempotency`. */
+function fields (state: IdempotencyReplyState) {
+  const { key, exists, replayed, response, token } = state
+  return { key, exists, replayed, response, token }
+}
 
 test('fastify.idempotency.store: the memory store by default, or the store passed in', async (t) => {
   const app = await build(t)
@@ -29,7 +35,9 @@ test('reply.idempotency is a frozen NO_KEY object on routes and methods the plug
   await app.inject({ method: 'GET', url: '/covered', headers: { 'idempotency-key': 'k' } })
   t.equal(seen.length, 2)
   for (const state of seen) {
-    t.same({ ...state }, NO_KEY)
+    t.same(fields(state), NO_KEY)
+    t.equal(state.signal.aborted, false, 'a signal that never aborts')
+    await t.rejects(state.completeWith({ query: async () => ({ rows: [], rowCount: 0 }) }, {}), { code: 'FST_IDEMPOTENCY_COMPLETE_WITH' })
     t.ok(Object.isFrozen(state))
   }
   t.equal(seen[0], seen[1], 'one shared object')
@@ -40,13 +48,13 @@ test('reply.idempotency in handlers: the key, and nothing else on a first reques
   const app = await build(t)
   const seen: Array<Record<string, unknown>> = []
   app.post('/', async (_request, reply) => {
-    const { key, exists, replayed, response } = reply.idempotency
-    seen.push({ key, exists, replayed, response })
+    seen.push(fields(reply.idempotency))
     return 'ok'
   })
   await app.inject({ method: 'POST', url: '/', headers: { 'idempotency-key': 'abc' } })
   await app.inject({ method: 'POST', url: '/' })
-  t.same(seen, [{ key: 'abc', exists: false, replayed: false, response: undefined }, NO_KEY])
+  t.match(seen[0], { key: 'abc', exists: false, replayed: false, response: undefined, token: /^[0-9]+$/ }, 'the key and the claim\'s token')
+  t.same(seen[1], NO_KEY)
 })
 
 test('route hooks before the claim see the key only; hooks after a replay see it all', async (t) => {
@@ -106,27 +114,8 @@ test('the plugin closes the memory store it made, and never a store passed in', 
 
 test('an app with the plugin and an in-flight lease timer closes cleanly', async (t) => {
   const app = Fastify()
-  await app.register(fastifyIdempotency, { lockTtl: 30 })
+  await app.register(fastifyIdempotency, { lockTtl: 1000 })
   app.post('/', async () => 'ok')
   await app.inject({ method: 'POST', url: '/', headers: { 'idempotency-key': 'k' } })
   await t.resolves(async () => { await app.close() })
-})
-
-test('a one-time start-up warning when scope is unset and mode is not exempt', async (t) => {
-  const scopeWarnings = async (options: object): Promise<LogLine[]> => {
-    const lines: LogLine[] = []
-    const app = await build(t, options, capturingLogger(lines))
-    app.post('/a', async () => 'a')
-    app.post('/b', async () => 'b')
-    await app.ready()
-    await app.inject({ method: 'POST', url: '/a', headers: { 'idempotency-key': 'k' } })
-    return lines.filter((line) => line.msg.includes('no `scope` is set'))
-  }
-  const unscoped = await scopeWarnings({})
-  t.equal(unscoped.length, 1, 'warned once, not per route or request')
-  t.equal(unscoped[0].level, WARN)
-  t.match(unscoped[0].msg, /gets that client's saved response/)
-  t.equal((await scopeWarnings({ mode: 'required' })).length, 1)
-  t.equal((await scopeWarnings({ scope: () => 'tenant' })).length, 0, 'no warning with a scope')
-  t.equal((await scopeWarnings({ mode: 'exempt' })).length, 0, 'no warning when routes must opt in')
 })

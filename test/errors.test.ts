@@ -4,7 +4,7 @@
  */
 import { test } from 'tap'
 import { errors } from '../index.js'
-import { build, gate, RecordingStore, until } from './helpers/app.js'
+import { build, heldHandler, RecordingStore, until } from './helpers/app.js'
 
 test('an application error handler reshapes every plugin error by its code', async (t) => {
   const store = new RecordingStore()
@@ -13,12 +13,8 @@ test('an application error handler reshapes every plugin error by its code', asy
   app.setErrorHandler((error: Error & { code?: string, statusCode?: number }, _request, reply) => {
     reply.code(error.statusCode ?? 500).send({ problem: error.code, detail: error.message })
   })
-  const slow = gate()
-  let runs = 0
-  app.post('/', { config: { idempotency: true } }, async () => {
-    if (++runs === 1) await slow.promise
-    return { ok: true }
-  })
+  const slow = heldHandler({ ok: true }, { firstOnly: true })
+  app.post('/', { config: { idempotency: true } }, slow.handler)
   const key = '3f2504e0-4f89-41d3-9a0c-0305e82c3301'
   const send = (headers: Record<string, string>, payload: object = { a: 1 }) => app.inject({ method: 'POST', url: '/', headers, payload })
 
@@ -28,7 +24,7 @@ test('an application error handler reshapes every plugin error by its code', asy
   t.same([invalid.statusCode, invalid.json()], [400, { problem: 'FST_IDEMPOTENCY_KEY_INVALID', detail: 'Invalid idempotency-key header: the key must be a UUID' }])
 
   const original = send({ 'idempotency-key': key })
-  await until(() => runs === 1)
+  await until(() => slow.runs() === 1)
   const inFlight = await send({ 'idempotency-key': key })
   t.equal(inFlight.statusCode, 409)
   t.equal(inFlight.json().problem, 'FST_IDEMPOTENCY_IN_FLIGHT')
@@ -42,7 +38,7 @@ test('an application error handler reshapes every plugin error by its code', asy
   t.equal(store.releases.length, 0, 'the plugin\'s own errors never release or overwrite the claim')
   const replay = await send({ 'idempotency-key': key })
   t.same(replay.json(), { ok: true })
-  t.equal(runs, 1)
+  t.equal(slow.runs(), 1)
 })
 
 test('the error classes are exported with their codes and statuses', async (t) => {

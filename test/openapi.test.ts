@@ -8,10 +8,11 @@ import { test } from 'tap'
 import Fastify, { type FastifyInstance, type RouteOptions } from 'fastify'
 import fastifySwagger from '@fastify/swagger'
 import fastifyIdempotency, { type FastifyIdempotencyOptions } from '../index.js'
-import { FlakyStore, gate, until, type Teardown } from './helpers/app.js'
+import { FlakyStore, heldHandler, until, type Teardown } from './helpers/app.js'
 
 interface Parameter { in: string, name: string, required?: boolean, description?: string, schema: Record<string, unknown> }
 interface Operation { parameters?: Parameter[], responses: Record<string, Record<string, unknown>> }
+interface Spec { paths: Record<string, Record<string, Operation>>, components?: { schemas?: Record<string, Record<string, unknown>> } }
 
 /** An app with @fastify/swagger (openapi) and then the plugin; `routes` adds the routes; returns the app, ready. */
 async function documented (t: Teardown, options: FastifyIdempotencyOptions, routes: (app: FastifyInstance) => void, swagger = true) {
@@ -25,8 +26,15 @@ async function documented (t: Teardown, options: FastifyIdempotencyOptions, rout
 }
 
 function operation (app: FastifyInstance, path: string, method = 'post'): Operation {
-  const spec = app.swagger() as unknown as { paths: Record<string, Record<string, Operation>> }
+  const spec = app.swagger() as unknown as Spec
   return spec.paths[path][method]
+}
+
+/** The component a response's content refers to, resolved. */
+function bodySchema (app: FastifyInstance, response: Record<string, unknown>, type = 'application/json'): Record<string, unknown> {
+  const spec = app.swagger() as unknown as Spec
+  const ref = (response.content as Record<string, { schema: { $ref: string } }>)[type].schema.$ref
+  return spec.components?.schemas?.[ref.replace('#/components/schemas/', '')] as Record<string, unknown>
 }
 
 function header (op: Operation, name = 'idempotency-key'): Parameter | undefined {
@@ -35,14 +43,15 @@ function header (op: Operation, name = 'idempotency-key'): Parameter | undefined
 
 const handler = async () => ({ ok: true })
 
-test('a required route: the header is a required parameter with maxLength; 400, 409, 422 and 503 are documented', async (t) => {
+test('a required route: the header is a required parameter that states the expiry policy and the key rules; 400, 409, 422 and 503 are documented', async (t) => {
   const app = await documented(t, { mode: 'required', key: { maxLength: 100 } }, (app) => app.post('/payments', handler))
   const op = operation(app, '/payments')
   t.match(header(op), {
     required: true,
-    schema: { type: 'string', maxLength: 100 },
-    description: /^Names the operation: retries with the same key get the saved response/
+    schema: { type: 'string' },
+    description: /^Names the operation: retries with the same key get the saved response.*replayed for 1 day \(ttl 86400000 ms\).*at most 100 characters/
   })
+  t.equal(header(op)?.schema.maxLength, undefined, 'no validating keyword: the plugin checks the key itself')
   t.notMatch(header(op)?.description, /Optional/)
   t.strictSame(Object.keys(op.responses).filter((status) => status !== '200').sort(), ['400', '409', '422', '503'])
   t.match(op.responses['400'].description, /missing or invalid.*FST_IDEMPOTENCY_KEY_MISSING.*FST_IDEMPOTENCY_KEY_INVALID/)
@@ -54,17 +63,59 @@ test('a required route: the header is a required parameter with maxLength; 400, 
   t.match(op.responses['503'].headers, retryAfter)
   t.equal(op.responses['400'].headers, undefined, 'no Retry-After on 400')
   t.equal(op.responses['422'].headers, undefined, 'nor on 422')
+  const refs = new Set<string>()
   for (const status of ['400', '409', '422', '503']) {
-    t.match(op.responses[status].content, {
-      'application/json': { schema: { type: 'object', properties: { statusCode: { type: 'integer' }, code: { type: 'string' }, error: { type: 'string' }, message: { type: 'string' } } } }
+    const content = op.responses[status].content as Record<string, { schema: { $ref: string } }>
+    refs.add(content['application/json'].schema.$ref)
+    t.match(bodySchema(app, op.responses[status]), {
+      title: 'IdempotencyError',
+      type: 'object',
+      properties: { statusCode: { type: 'integer' }, code: { type: 'string' }, error: { type: 'string' }, message: { type: 'string' } }
     }, `${status}: Fastify's error shape`)
+  }
+  t.equal(refs.size, 1, 'one error schema, defined once and referenced')
+})
+
+test('the expiry policy and key rules follow the options and the route: ttl null, a route ttl, uuid, pattern', async (t) => {
+  const app = await documented(t, { ttl: null, key: { uuid: true, pattern: /^[0-9a-f-]+$/ } }, (app) => {
+    app.post('/forever', handler)
+    app.post('/week', { config: { idempotency: { ttl: '7d' } } }, handler)
+  })
+  t.match(header(operation(app, '/forever'))?.description, /A saved response never expires\. The key: at most 255 characters, a UUID, matching \/\^\[0-9a-f-\]\+\$\//)
+  t.match(header(operation(app, '/week'))?.description, /replayed for 7 days \(ttl 604800000 ms\)/)
+})
+
+test('2xx responses the route documents get the replay header; a route without them gets no body schema added', async (t) => {
+  const app = await documented(t, {}, (app) => {
+    app.post('/typed', { schema: { response: { 201: { type: 'object', properties: { id: { type: 'integer' } } }, 404: { type: 'object' } } } }, handler)
+    app.post('/untyped', handler)
+    app.post('/quiet', { config: { idempotency: true } }, handler)
+  })
+  const typed = operation(app, '/typed')
+  t.match(typed.responses['201'].headers, { 'idempotent-replayed': { schema: { type: 'string', enum: ['true'] }, description: /replay/ } })
+  t.equal(typed.responses['404'].headers, undefined, 'not on other statuses')
+  t.same(Object.keys(operation(app, '/untyped').responses).filter((status) => status.startsWith('2')), [], 'no 2xx schema of its own: none is invented')
+  const off = await documented(t, { replayHeader: false }, (app) => app.post('/typed', { schema: { response: { 200: { type: 'object' } } } }, handler))
+  t.equal(operation(off, '/typed').responses['200'].headers, undefined, 'replayHeader: false: nothing to document')
+})
+
+test('with or without @fastify/swagger, a key at the limit is accepted, quoted or not, and one character more is refused by the plugin', async (t) => {
+  for (const swagger of [false, true]) {
+    const app = await documented(t, { mode: 'required', key: { maxLength: 20 } }, (app) => app.post('/pay', async () => ({ ok: true })), swagger)
+    const send = (key: string) => app.inject({ method: 'POST', url: '/pay', headers: { 'idempotency-key': key } })
+    const limit = 'k'.repeat(20)
+    for (const [key, status] of [[limit, 200], [`"${limit}"`, 200], [`"${'q\\"'.repeat(6)}kk"`, 200], [limit + 'k', 400], [`"${limit}k"`, 400]] as const) {
+      const res = await send(key)
+      t.equal(res.statusCode, status, `swagger ${swagger}: ${key} (${key.length} characters as sent)`)
+      if (status === 400) t.equal(res.json().code, 'FST_IDEMPOTENCY_KEY_INVALID', 'refused by the plugin, not by Fastify\'s validation')
+    }
   }
 })
 
 test('an optional route: the header is optional; the 400 is only about invalid keys', async (t) => {
   const app = await documented(t, {}, (app) => app.post('/orders', handler))
   const op = operation(app, '/orders')
-  t.match(header(op), { required: false, schema: { type: 'string', maxLength: 255 }, description: /Optional: without it, the request is not idempotent/ })
+  t.match(header(op), { required: false, schema: { type: 'string' }, description: /at most 255 characters.*Optional: without it, the request is not idempotent/ })
   t.match(op.responses['400'].description, /^The idempotency-key header is invalid \(FST_IDEMPOTENCY_KEY_INVALID\)/)
   t.notMatch(op.responses['400'].description, /MISSING/)
 })
@@ -93,8 +144,10 @@ test('problem+json: the error responses are application/problem+json documents',
   const op = operation(app, '/orders')
   for (const status of ['400', '409', '422', '503']) {
     t.strictSame(Object.keys(op.responses[status].content as object), ['application/problem+json'], status)
-    t.match(op.responses[status].content, {
-      'application/problem+json': { schema: { type: 'object', properties: { type: { type: 'string' }, title: { type: 'string' }, status: { type: 'integer' }, detail: { type: 'string' }, code: { type: 'string' } } } }
+    t.match(bodySchema(app, op.responses[status], 'application/problem+json'), {
+      title: 'IdempotencyProblem',
+      type: 'object',
+      properties: { type: { type: 'string' }, title: { type: 'string' }, status: { type: 'integer' }, detail: { type: 'string' }, code: { type: 'string' } }
     })
   }
   t.match(op.responses['409'].headers, { 'retry-after': { schema: { type: 'integer', minimum: 1 } } }, 'Retry-After is still documented')
@@ -180,16 +233,12 @@ test('through the added response schemas the plugin\'s errors still serialize wh
     for (const swagger of [false, true]) {
       const store = new FlakyStore()
       t.teardown(() => store.close())
-      const slow = gate()
-      let runs = 0
-      const app = await documented(t, { store, errors }, (app) => app.post('/orders', { config: { idempotency: true } }, async () => {
-        if (++runs === 1) await slow.promise
-        return { ok: true }
-      }), swagger)
+      const slow = heldHandler({ ok: true }, { firstOnly: true })
+      const app = await documented(t, { store, errors }, (app) => app.post('/orders', { config: { idempotency: true } }, slow.handler), swagger)
       const send = (headers: Record<string, string>, payload: object = { a: 1 }) => app.inject({ method: 'POST', url: '/orders', headers, payload })
       const replies = [await send({}), await send({ 'idempotency-key': 'x'.repeat(300) })]
       const original = send({ 'idempotency-key': 'k' })
-      await until(() => runs === 1)
+      await until(() => slow.runs() === 1)
       replies.push(await send({ 'idempotency-key': 'k' }), await send({ 'idempotency-key': 'k' }, { a: 2 }))
       slow.open()
       await original

@@ -5,8 +5,9 @@
 import { test } from 'tap'
 import Fastify from 'fastify'
 import fastifyIdempotency, { MemoryStore } from '../index.js'
+import { OPTION_NAMES } from '../lib/options.js'
 import type { FastifyIdempotencyOptions } from '../index.js'
-import { build, capturingLogger, ERROR, FlakyStore, gate, RecordingStore, until, type LogLine } from './helpers/app.js'
+import { build, capturingLogger, ERROR, FlakyStore, heldHandler, RecordingStore, until, type LogLine } from './helpers/app.js'
 
 const HOUR = 60 * 60 * 1000
 
@@ -24,24 +25,32 @@ test('invalid options are refused at registration, naming the option', async (t)
     [{ endpoints: ['POST GET /x'] }, 'endpoints.0', '"POST GET /x" must be "/prefix", "METHOD /prefix" or "* /prefix"'],
     [{ endpoints: ['FOO /x'] }, 'endpoints.0', '"FOO" is not an HTTP method'],
     [{ endpoints: ['POST x'] }, 'endpoints.0', 'must be "/prefix"'],
-    [{ ttl: 0 }, 'ttl', 'must be a positive integer (ms) or null'],
-    [{ ttl: -1 }, 'ttl', 'must be a positive integer (ms) or null'],
-    [{ ttl: 1.5 }, 'ttl', 'must be a positive integer (ms) or null'],
-    [{ ttl: '1000' }, 'ttl', 'must be a positive integer (ms) or null'],
-    [{ lockTtl: 2 }, 'lockTtl', 'must be an integer of at least 3 (ms)'],
-    [{ lockTtl: null }, 'lockTtl', 'must be an integer of at least 3 (ms)'],
+    [{ ttl: 0 }, 'ttl', 'must be a positive duration (a number of ms or a string such as \'24h\', \'90s\' or \'500ms\'); got 0'],
+    [{ ttl: -1 }, 'ttl', 'must be a positive duration'],
+    [{ ttl: 1.5 }, 'ttl', 'must be a positive duration'],
+    [{ ttl: 'a day' }, 'ttl', 'must be a positive duration (a number of ms or a string such as \'24h\', \'90s\' or \'500ms\'); got "a day"'],
+    [{ ttl: '-5s' }, 'ttl', 'must be a positive duration'],
+    [{ ttl: true }, 'ttl', 'must be a positive duration (a number of ms or a string such as \'24h\', \'90s\' or \'500ms\') or null'],
+    [{ lockTtl: 999 }, 'lockTtl', 'must be a duration of at least 1000 ms'],
+    [{ lockTtl: '0.5s' }, 'lockTtl', 'must be a duration of at least 1000 ms'],
+    [{ lockTtl: null }, 'lockTtl', 'must be a duration of at least 1000 ms'],
+    [{ store: 'redis', storeTimeout: 1000, lockTtl: 2999 }, 'lockTtl', 'must be a duration of at least 3000 ms'],
+    [{ storeTimeout: 0 }, 'storeTimeout', 'must be a positive duration'],
+    [{ storeTimeout: 'soon' }, 'storeTimeout', 'must be a positive duration'],
     [{ inFlight: 'wait' }, 'inFlight', 'Expected object'],
-    [{ inFlight: { wait: -1 } }, 'inFlight.wait', 'must be an integer of at least 0 (ms)'],
-    [{ inFlight: { wait: 1.5 } }, 'inFlight.wait', 'must be an integer of at least 0 (ms)'],
+    [{ inFlight: { wait: -1 } }, 'inFlight.wait', 'must be a duration of at least 0'],
+    [{ inFlight: { wait: 1.5 } }, 'inFlight.wait', 'must be a duration of at least 0'],
+    [{ inFlight: { wait: [] } }, 'inFlight.wait', 'must be a duration of at least 0'],
     [{ inFlight: { statusCode: 500 } }, 'inFlight.statusCode', 'must be 409 or 423'],
     [{ inFlight: { statusCode: 429 } }, 'inFlight.statusCode', 'must be 409 or 423'],
     [{ inFlight: { retry: 1 } }, 'inFlight.retry', 'unknown option'],
     [{ storeOnStatuses: [] }, 'storeOnStatuses', 'must be a non-empty array of HTTP status codes'],
     [{ storeOnStatuses: [200, 99] }, 'storeOnStatuses.1', 'Expected integer to be greater or equal to 100'],
     [{ storeOnStatuses: [600] }, 'storeOnStatuses.0', 'Expected integer to be less or equal to 599'],
-    [{ conflictStatusCode: 199 }, 'conflictStatusCode', 'must be an HTTP status code from 200 to 599, or null'],
-    [{ conflictStatusCode: 600 }, 'conflictStatusCode', 'must be an HTTP status code from 200 to 599, or null'],
-    [{ conflictStatusCode: '409' }, 'conflictStatusCode', 'must be an HTTP status code from 200 to 599, or null'],
+    [{ replayStatusCode: 199 }, 'replayStatusCode', 'must be an HTTP status code from 200 to 599, or null'],
+    [{ replayStatusCode: 600 }, 'replayStatusCode', 'must be an HTTP status code from 200 to 599, or null'],
+    [{ replayStatusCode: '409' }, 'replayStatusCode', 'must be an HTTP status code from 200 to 599, or null'],
+    [{ conflictStatusCode: 409 }, 'conflictStatusCode', 'unknown option'],
     [{ replayHeader: true }, 'replayHeader', 'must be a valid HTTP header name or false'],
     [{ replayHeader: 'x replayed' }, 'replayHeader', 'must be a valid HTTP header name or false'],
     [{ fingerprint: 'sha256' }, 'fingerprint', 'must be a boolean or a function (request) => string'],
@@ -54,7 +63,17 @@ test('invalid options are refused at registration, naming the option', async (t)
     [{ key: { minLength: 3 } }, 'key.minLength', 'unknown option'],
     [{ keyEncoder: 'sha256' }, 'keyEncoder', 'must be a function (parts) => string'],
     [{ telemetry: 'yes' }, 'telemetry', 'Expected boolean'],
-    [{ store: 'disk' }, 'store', 'an object with claim, complete, release and renew methods'],
+    [{ store: 'disk' }, 'store', 'must be \'memory\', \'redis\', \'postgres\' or an object with claim, complete, release and renew methods'],
+    [{ redis: { replicas: -1 } }, 'redis.replicas', 'must be an integer of at least 0'],
+    [{ redis: { replicaTimeout: 'never' } }, 'redis.replicaTimeout', 'must be a positive duration'],
+    [{ redis: { requireNoEviction: 'yes' } }, 'redis.requireNoEviction', 'Expected boolean'],
+    [{ redis: { replica: 1 } }, 'redis.replica', 'unknown option'],
+    [{ replayCache: -1 }, 'replayCache', 'must be a number of bytes'],
+    [{ replayCache: '16mb' }, 'replayCache', 'must be a number of bytes'],
+    [{ namespace: '' }, 'namespace', 'must be a non-empty string without { or }'],
+    [{ namespace: 'a{b}' }, 'namespace', 'must be a non-empty string without { or }'],
+    [{ redisNamespace: '' }, 'redisNamespace', 'must be the non-empty name of a @fastify/redis namespace'],
+    [{ pgNamespace: '' }, 'pgNamespace', 'must be the non-empty name of a @fastify/postgres database'],
     [{ store: { claim () {}, complete () {}, release () {} } }, 'store', 'an object with claim, complete, release and renew methods'],
     [{ onStoreError: 'ignore' }, 'onStoreError', 'must be \'fail-closed\', \'fail-open\' or a function (request, key, error) => policy'],
     [{ headr: 'idempotency-key' }, 'headr', 'unknown option']
@@ -74,25 +93,40 @@ function escape (text: string): string {
 }
 
 test('a valid option set with every field is accepted', async (t) => {
-  const app = await build(t, {
+  const every: Required<FastifyIdempotencyOptions> = {
     header: 'X-Idempotency-Key',
     methods: ['post', 'Put'],
     mode: 'required',
     endpoints: ['/api/', 'post /pay/', '* /critical/'],
-    ttl: null,
-    lockTtl: 3,
-    inFlight: { wait: 0, statusCode: 423 },
+    ttl: '2h',
+    lockTtl: '90s',
+    inFlight: { wait: '250ms', statusCode: 423 },
     storeOnStatuses: [200],
-    conflictStatusCode: 409,
+    replayStatusCode: 409,
     replayHeader: false,
     fingerprint: false,
     scope: () => undefined,
     key: { maxLength: 8192, pattern: /./, uuid: false },
     keyEncoder: (parts) => parts.key,
     telemetry: true,
+    replaySetCookie: true,
     store: new MemoryStore(),
-    onStoreError: 'fail-open'
-  })
+    redis: { requireNoEviction: true, replicas: 1, replicaTimeout: '50ms' },
+    postgres: { table: 'billing.idempotency', createTable: false },
+    storeTimeout: '1s',
+    replayCache: 0,
+    onStoreError: 'fail-open',
+    onReplay: () => {},
+    onConflict: () => {},
+    onMismatch: () => {},
+    namespace: 'billing',
+    redisNamespace: 'cache',
+    pgNamespace: 'main',
+    errors: 'problem+json',
+    stats: { ttl: '1d', flushInterval: 500, route: '/stats', preHandler: async () => {}, warnRecords: 10 }
+  }
+  t.same(Object.keys(every).sort(), [...OPTION_NAMES].sort(), 'every option the schema knows, no more')
+  const app = await build(t, every)
   await t.resolves(async () => { await app.ready() })
 })
 
@@ -105,7 +139,7 @@ test('defaults: ttl 24 h and lockTtl 60 s are what the store is asked for', asyn
   t.equal(res.statusCode, 200)
   t.equal(store.claims.length, 1)
   t.equal(store.claims[0].lockTtl, 60_000)
-  t.match(store.claims[0].key, /^idem:[A-Za-z0-9_-]{43}$/, 'default key encoder: prefix + SHA-256')
+  t.equal(store.claims[0].key, 'idem:-|POST|1:/|k', 'default key encoder on the memory store: the parts, delimited, unhashed')
   t.type(store.claims[0].fingerprint, 'string', 'fingerprint on by default')
   t.equal(store.completes.length, 1)
   t.equal(store.completes[0].ttl, 24 * HOUR)
@@ -150,16 +184,11 @@ test('default lockTtl: the claim of a handler that stops renewing frees the key 
   t.teardown(() => store.close())
   const lines: LogLine[] = []
   const app = await build(t, { store }, capturingLogger(lines))
-  let runs = 0
-  const first = gate()
-  app.post('/', async () => {
-    const run = ++runs
-    if (run === 1) await first.promise
-    return { run }
-  })
+  const first = heldHandler(({ run }) => ({ run }), { firstOnly: true })
+  app.post('/', first.handler)
   const send = () => app.inject({ method: 'POST', url: '/', headers: { 'idempotency-key': 'k' } })
   const original = send()
-  await until(() => runs === 1)
+  await until(() => first.runs() === 1)
   // Lease renewal runs every lockTtl / 3 of real time (20 s), so within this test the claim is never renewed.
   now += 60_000 - 1
   t.equal((await send()).statusCode, 409, 'claim still held just before lockTtl')
@@ -169,8 +198,8 @@ test('default lockTtl: the claim of a handler that stops renewing frees the key 
   t.same(takeover.json(), { run: 2 })
   first.open()
   t.same((await original).json(), { run: 1 })
-  t.equal(runs, 2)
-  t.ok(lines.some((l) => l.level === ERROR && /claim was lost/.test(l.msg)), 'the late original logs that its response was not saved')
+  t.equal(first.runs(), 2)
+  t.ok(lines.some((l) => l.level === ERROR && /the response was not saved/.test(l.msg)), 'the late original logs that its response was not saved')
   t.same((await send()).json(), { run: 2 }, 'the stored response is the one of the request that held the claim')
 })
 
@@ -191,7 +220,7 @@ test('defaults: methods, mode, header, statuses, replay header, key length, tele
   for (const method of ['POST', 'PUT', 'PATCH', 'DELETE'] as const) {
     const first = await send(method, 201, method)
     const replay = await send(method, 201, method)
-    t.equal(replay.statusCode, 201, `${method}: replayed with the original status (conflictStatusCode null)`)
+    t.equal(replay.statusCode, 201, `${method}: replayed with the original status (replayStatusCode null)`)
     t.equal(replay.body, first.body)
     t.equal(replay.headers['idempotent-replayed'], 'true', `${method}: replay header`)
     t.equal(first.headers['idempotent-replayed'], undefined, 'not on the first response')

@@ -12,7 +12,7 @@
  */
 import { test, type Test } from 'tap'
 import type { FastifyIdempotencyOptions } from '../index.js'
-import { build, FlakyStore, gate, until } from './helpers/app.js'
+import { build, FlakyStore, heldHandler, until } from './helpers/app.js'
 
 const TAG = 'tag:fastify-idempotency,2026:'
 
@@ -32,12 +32,8 @@ async function everyError (t: Test, options: FastifyIdempotencyOptions) {
     reply.header('x-on-send', 'ran')
   })
   app.addHook('onResponse', async () => { hooks.onResponse++ })
-  const held = gate()
-  const runs = { count: 0 }
-  app.post('/orders', { config: { idempotency: true } }, async () => {
-    if (++runs.count === 1) await held.promise
-    return { ok: true }
-  })
+  const held = heldHandler({ ok: true }, { firstOnly: true })
+  app.post('/orders', { config: { idempotency: true } }, held.handler)
   app.post('/broken', async () => { throw new Error('the handler failed') })
   await app.ready()
   const send = (headers: Record<string, string>, payload: object = { item: 'book' }) =>
@@ -45,13 +41,13 @@ async function everyError (t: Test, options: FastifyIdempotencyOptions) {
 
   const replies = [await send({}), await send({ 'idempotency-key': 'x'.repeat(300) })]
   const original = send({ 'idempotency-key': 'k' })
-  await until(() => runs.count === 1)
+  await until(() => held.runs() === 1)
   replies.push(await send({ 'idempotency-key': 'k' }), await send({ 'idempotency-key': 'k' }, { item: 'pen' }))
   held.open()
   t.equal((await original).statusCode, 200)
   store.failing.claim = true
   replies.push(await send({ 'idempotency-key': 'k2' }))
-  t.equal(runs.count, 1, 'the handler ran only for the original')
+  t.equal(held.runs(), 1, 'the handler ran only for the original')
   await until(() => hooks.onResponse === 6)
   t.equal(hooks.onResponse, 6, 'onResponse hooks ran for the five errors and the original')
   return { app, replies, hooks }

@@ -195,12 +195,15 @@ test('invalid route config throws when the route is added, naming the route and 
     [null, 'config.idempotency: must be true, false or an object of route options'],
     [1, 'config.idempotency: must be true, false or an object of route options'],
     [[], 'config.idempotency: must be true, false or an object of route options'],
-    [{ ttl: 0 }, 'ttl: must be a positive integer (ms) or null'],
+    [{ ttl: 0 }, 'ttl: must be a positive duration (a number of ms or a string such as \'24h\', \'90s\' or \'500ms\'); got 0'],
+    [{ ttl: '1 fortnight' }, 'ttl: must be a positive duration (a number of ms or a string such as \'24h\', \'90s\' or \'500ms\'); got "1 fortnight"'],
+    [{ namespace: '{x}' }, 'namespace: must be a non-empty string without { or }'],
     [{ required: 'yes' }, 'required: Expected boolean'],
     [{ manual: 1 }, 'manual: Expected boolean'],
     [{ storeOnStatuses: [] }, 'storeOnStatuses: must be a non-empty array of HTTP status codes'],
     [{ storeOnStatuses: [200, 700] }, 'storeOnStatuses.1: Expected integer to be less or equal to 599'],
-    [{ conflictStatusCode: 100 }, 'conflictStatusCode: must be an HTTP status code from 200 to 599, or null'],
+    [{ replayStatusCode: 100 }, 'replayStatusCode: must be an HTTP status code from 200 to 599, or null'],
+    [{ conflictStatusCode: 409 }, 'conflictStatusCode: unknown option'],
     [{ fingerprint: 'body' }, 'fingerprint: must be a boolean or a function (request) => string'],
     [{ scope: 'tenant' }, 'scope: must be a function (request) => string | undefined'],
     [{ onStoreError: 'retry' }, 'onStoreError: must be \'fail-closed\', \'fail-open\' or a function (request, key, error) => policy'],
@@ -222,7 +225,7 @@ test('invalid route config in an encapsulated plugin fails app.ready()', async (
   })
   await t.rejects(async () => { await app.ready() }, {
     code: 'FST_IDEMPOTENCY_INVALID_ROUTE_CONFIG',
-    message: 'fastify-idempotency: invalid config.idempotency on route PUT /thing: ttl: must be a positive integer (ms) or null'
+    message: 'fastify-idempotency: invalid config.idempotency on route PUT /thing: ttl: must be a positive duration (a number of ms or a string such as \'24h\', \'90s\' or \'500ms\'); got -5'
   })
 })
 

@@ -6,8 +6,9 @@
 import { test } from 'tap'
 import type { FastifyRequest } from 'fastify'
 import { defaultKeyEncoder } from '../index.js'
+import { localKeyEncoder } from '../lib/key-encoder.js'
 import type { KeyParts } from '../index.js'
-import { build, RecordingStore } from './helpers/app.js'
+import { build, capturingLogger, ERROR, RecordingStore, type LogLine } from './helpers/app.js'
 
 declare module 'fastify' {
   interface FastifyRequest {
@@ -157,4 +158,74 @@ test('route hooks given as arrays all run before the claim, in order', async (t)
   await send('token-b')
   await send('token-a')
   t.equal(runs, 2, 'scoped by the user the preHandler array set')
+})
+
+test('an async scope function is awaited: users stay apart', async (t) => {
+  const app = await build(t, {
+    scope: async (request) => {
+      await new Promise((resolve) => setTimeout(resolve, 1))
+      return String(request.headers['x-user'])
+    }
+  })
+  let runs = 0
+  app.post('/me', async (request) => ({ run: ++runs, user: request.headers['x-user'] }))
+  const send = (user: string) => app.inject({ method: 'POST', url: '/me', headers: { 'x-user': user, 'idempotency-key': 'same' } })
+  const one = await send('1')
+  const two = await send('2')
+  t.same(one.json(), { run: 1, user: '1' })
+  t.same(two.json(), { run: 2, user: '2' }, 'user 2 never gets user 1\'s response')
+  t.equal(two.headers['idempotent-replayed'], undefined)
+  const again = await send('2')
+  t.same(again.json(), two.json())
+  t.equal(again.headers['idempotent-replayed'], 'true')
+})
+
+test('scope answers: null is no scope, a finite number its digits; anything else is refused, never merged', async (t) => {
+  const lines: LogLine[] = []
+  const answers: Record<string, unknown> = {
+    null: null,
+    number: 42,
+    numberAsText: '42',
+    object: { id: '1' },
+    otherObject: { id: '2' },
+    promiseOfObject: Promise.resolve({ id: '3' }),
+    nan: Number.NaN,
+    boolean: true,
+    symbol: Symbol('user'),
+    bigint: 10n,
+    bare: Object.create(null)
+  }
+  const store = new RecordingStore()
+  t.teardown(() => store.close())
+  const app = await build(t, {
+    store,
+    scope: (request) => {
+      const answer = answers[String(request.headers['x-answer'])]
+      return answer as string
+    }
+  }, capturingLogger(lines))
+  let runs = 0
+  app.post('/', async () => ({ run: ++runs }))
+  const send = (answer: string) => app.inject({ method: 'POST', url: '/', headers: { 'x-answer': answer, 'idempotency-key': 'k' } })
+
+  t.same((await send('null')).json(), { run: 1 })
+  const unscoped = store.claims[0].key
+  t.equal(unscoped, localKeyEncoder({ scope: undefined, method: 'POST', path: '/', key: 'k' }), 'null: the unscoped key')
+  t.same((await send('number')).json(), { run: 2 })
+  t.equal(store.claims[1].key, localKeyEncoder({ scope: '42', method: 'POST', path: '/', key: 'k' }), 'a number: its digits')
+  const same = await send('numberAsText')
+  t.equal(same.headers['idempotent-replayed'], 'true', 'the number 42 and the string "42" are one principal')
+
+  for (const name of ['object', 'otherObject', 'promiseOfObject', 'nan', 'boolean', 'symbol', 'bigint', 'bare']) {
+    const refused = await send(name)
+    t.equal(refused.statusCode, 500, `${name}: refused`)
+    t.equal(refused.json().code, 'FST_IDEMPOTENCY_INVALID_SCOPE')
+    t.match(refused.json().message, /must return a string or a finite number/)
+  }
+  t.equal(runs, 2, 'no refused request ran the handler')
+  t.equal(store.claims.length, 3, 'nor claimed a key')
+  const logged = lines.filter((line) => line.level === ERROR && /scope function returned something that is not a principal id/.test(line.msg))
+  t.equal(logged.length, 8, 'each refusal is logged')
+  t.match(logged[0].scope, /an object \(Object\)/)
+  t.match(logged[7].scope, /an object \(without prototype\)/)
 })

@@ -5,7 +5,8 @@
  */
 import { test, type Test } from 'tap'
 import { MemoryStore, type StatsCounts, type StoreUsage } from '../index.js'
-import { build, capturingLogger, ERROR, FlakyStore, gate, sleep, until, type LogLine } from './helpers/app.js'
+import { Stats } from '../lib/stats.js'
+import { build, capturingLogger, ERROR, FlakyStore, heldHandler, sleep, until, type LogLine } from './helpers/app.js'
 
 const NONE = { executed: 0, replayed: 0, conflicts: 0, mismatches: 0, missingKeys: 0, invalidKeys: 0, storeErrors: 0 }
 const ZERO = { ...NONE, lastDuplicateAt: 0 }
@@ -20,14 +21,10 @@ type Options = Build[1]
 async function statsApp (t: Build[0], options: Options = {}, server: Build[2] = {}, more?: (app: Awaited<ReturnType<typeof build>>) => void) {
   const app = await build(t, options, server)
   more?.(app)
-  const slow = gate()
-  const runs = { a: 0, slow: 0, required: 0 }
+  const slow = heldHandler({ slow: true })
+  const runs = { a: 0, required: 0 }
   app.post('/a', async () => ({ run: ++runs.a }))
-  app.post('/slow', async () => {
-    runs.slow++
-    await slow.promise
-    return { slow: true }
-  })
+  app.post('/slow', slow.handler)
   app.post('/required', { config: { idempotency: true } }, async () => ({ run: ++runs.required }))
   await app.ready()
   const send = (url: string, key: string | undefined, payload: object = { n: 1 }) =>
@@ -42,7 +39,7 @@ async function knownRun (t: Test, { slow, runs, send }: Awaited<ReturnType<typeo
   t.equal((await send('/a', 'k2')).headers['idempotent-replayed'], 'true')
   t.equal((await send('/a', 'k3', { n: 2 })).statusCode, 422)
   const original = send('/slow', 'k4')
-  await until(() => runs.slow === 1)
+  await until(() => slow.runs() === 1)
   t.equal((await send('/slow', 'k4')).statusCode, 409)
   slow.open()
   t.equal((await original).statusCode, 200)
@@ -69,7 +66,8 @@ test('a known run: the counters per route, the totals, the duplicates, routes by
   t.strictSame(stats.totals, {
     ...ZERO, executed: 4, replayed: 2, conflicts: 1, mismatches: 1, missingKeys: 1, invalidKeys: 1, lastDuplicateAt: slow.lastDuplicateAt, duplicates: 4
   })
-  t.strictSame(stats.store, { records: 4, bytes: undefined, estimated: false }, 'the memory store holds k1 to k4')
+  t.match(stats.store, { records: 4, inFlight: 0, maxBytes: 64 * 1024 * 1024, evictions: 0, estimated: false }, 'the memory store holds k1 to k4')
+  t.ok((stats.store.bytes as number) > 4 * 300 && (stats.store.bytes as number) < 4 * 1000, `and counts their bytes (${stats.store.bytes})`)
   t.equal(stats.warning, undefined)
   t.strictSame(await ctx.app.idempotency.stats(), stats, 'reading does not change them')
 })
@@ -108,23 +106,46 @@ test('stats: false counts nothing', async (t) => {
   t.equal(stats.store.records, 4, 'the store\'s size is still known')
 })
 
+/** Stats kept in-process over a memory store, on a clock that moves only when the test says so. */
+function clocked (t: Test, ttl: number) {
+  const clock = { now: 1_000_000 }
+  const store = new MemoryStore()
+  const stats = new Stats(store, { ttl, flushInterval: 60_000, warnRecords: 8000, counting: true, route: undefined, preHandler: [] }, (err) => { throw err }, () => clock.now)
+  t.teardown(async () => {
+    await stats.close()
+    store.close()
+  })
+  return { stats, clock, counters: stats.counters('POST /a') }
+}
+
 test('stats.ttl: in-process counters are dropped ttl after their last change, even unread', async (t) => {
-  const { app, send } = await statsApp(t, { stats: { ttl: 200, flushInterval: 10 } })
-  await send('/a', 'k1')
-  await sleep(600)
-  t.strictSame((await app.idempotency.stats()).routes, [], 'counted, never read, expired')
+  const { stats, clock, counters } = clocked(t, 200)
+  counters.executed++
+  await stats.flush() // what the flush timer does
+  clock.now += 201
+  await stats.flush()
+  t.strictSame((await stats.read()).routes, [], 'counted, never read, expired')
 })
 
 test('stats.ttl: counters that keep changing are kept, the older ones with them', async (t) => {
-  const { app, send } = await statsApp(t, { stats: { ttl: 500, flushInterval: 10 } })
-  await send('/a', 'k1')
-  t.equal((await app.idempotency.stats()).totals.executed, 1)
-  await sleep(300)
-  await send('/a', 'k2')
-  await sleep(350) // 650 ms after the first change, 350 ms after the last one
-  t.equal((await app.idempotency.stats()).totals.executed, 2)
-  await sleep(700)
-  t.strictSame((await app.idempotency.stats()).routes, [], 'and dropped once ttl has passed since the last change')
+  const { stats, clock, counters } = clocked(t, 500)
+  counters.executed++
+  t.equal((await stats.read()).totals.executed, 1)
+  clock.now += 300
+  counters.executed++
+  await stats.flush()
+  clock.now += 350 // 650 ms after the first change, 350 ms after the last one
+  t.equal((await stats.read()).totals.executed, 2)
+  clock.now += 151
+  t.strictSame((await stats.read()).routes, [], 'and dropped once ttl has passed since the last change')
+})
+
+test('stats: false counts nothing and runs no timer', async (t) => {
+  const store = new MemoryStore()
+  t.teardown(() => store.close())
+  const stats = new Stats(store, { ttl: 1000, flushInterval: 1, warnRecords: 8000, counting: false, route: undefined, preHandler: [] }, () => {})
+  t.equal((stats as unknown as { timer: unknown }).timer, undefined)
+  await stats.close()
 })
 
 test('the stats route is off by default', async (t) => {
@@ -146,8 +167,9 @@ test('invalid stats options are refused, naming the option', async (t) => {
     [null, 'stats: must be false or an object'],
     [[], 'stats: must be false or an object'],
     [{ route: 'stats' }, 'stats.route: must be a path starting with /'],
-    [{ ttl: 0 }, 'stats.ttl: must be a positive integer (ms)'],
-    [{ flushInterval: 1.5 }, 'stats.flushInterval: must be a positive integer (ms)'],
+    [{ ttl: 0 }, 'stats.ttl: must be a positive duration'],
+    [{ ttl: 'weekly' }, 'stats.ttl: must be a positive duration'],
+    [{ flushInterval: 1.5 }, 'stats.flushInterval: must be a positive duration'],
     [{ warnRecords: -1 }, 'stats.warnRecords: must be an integer of at least 0'],
     [{ preHandler: 'auth' }, 'stats.preHandler: must be a preHandler hook or an array of them'],
     [{ page: true }, 'stats.page: unknown option']
@@ -195,7 +217,7 @@ test('the stats route: behind the preHandler, JSON by default, escaped HTML for 
   const html = page.body
   t.match(html, /^<!doctype html>/)
   t.match(html, '<dd id="records">5</dd>')
-  t.match(html, '<dd id="bytes">unknown</dd>')
+  t.match(html, /<dd id="bytes">[\d.]+ (B|KiB) of 64\.0 MiB<\/dd>/)
   t.match(html, '<dd id="duplicates">5</dd>')
   t.match(html, '<dd id="executed">5</dd>')
   t.match(html, /<dd id="last-duplicate">\d{4}-\d\d-\d\dT[\d:.]+Z<\/dd>/)
@@ -235,7 +257,8 @@ test('the page: store sizes, estimates, an empty run', async (t) => {
     [{ records: 12, bytes: 900, estimated: false }, '12', '900 B'],
     [{ records: 1200, bytes: 1536, estimated: true }, '≈ 1200', '≈ 1.5 KiB'],
     [{ records: 1200, bytes: 1024 * 1024 - 1, estimated: false }, '1200', '1024.0 KiB'],
-    [{ records: 9_000_000, bytes: 3.25 * 1024 * 1024, estimated: true }, '≈ 9000000', '≈ 3.3 MiB']
+    [{ records: 9_000_000, bytes: 3.25 * 1024 * 1024, estimated: true }, '≈ 9000000', '≈ 3.3 MiB'],
+    [{ records: 5, bytes: 950, maxBytes: 1000, estimated: false }, '5', '950 B of 1000 B']
   ]
   for (const [usage, records, bytes] of cases) {
     const store = new SizedStore(usage)
@@ -247,6 +270,42 @@ test('the page: store sizes, estimates, an empty run', async (t) => {
     t.match(html, '<dd id="last-duplicate">never</dd>')
     t.match(html, '<tr><td colspan="9">No requests yet</td></tr>')
   }
+})
+
+test('the page and stats(): in-flight claims apart, evictions, the eviction policy, memory near its bound, with warnings', async (t) => {
+  const usage: StoreUsage = {
+    records: 10,
+    inFlight: 3,
+    bytes: 950,
+    maxBytes: 1000,
+    evictions: 7,
+    evictionPolicy: 'allkeys-lru',
+    estimated: false,
+    warnings: ['Redis runs with maxmemory-policy allkeys-lru: it may evict records.']
+  }
+  const store = new SizedStore(usage)
+  t.teardown(() => store.close())
+  const app = await build(t, { store, stats: { route: '/stats', preHandler: async () => {} } })
+  const stats = await app.idempotency.stats()
+  t.match(stats.warning, /uses 95% of its memory bound/)
+  t.match(stats.warning, /7 saved responses were evicted before their ttl: a retry of one of them runs the handler again/)
+  t.match(stats.warning, /maxmemory-policy allkeys-lru/)
+  const html = (await app.inject({ url: '/stats', headers: { accept: 'text/html' } })).body
+  t.match(html, '<dd id="in-flight">3</dd>')
+  t.match(html, '<dd id="evictions">7</dd>')
+  t.match(html, '<dd id="policy">allkeys-lru</dd>')
+  t.match(html, /<p class="warning" id="warning">[^<]*evicted before their ttl/)
+  const quiet = new SizedStore({ records: 1, bytes: 10, maxBytes: 1000, evictions: 0, estimated: false })
+  t.teardown(() => quiet.close())
+  const calm = await build(t, { store: quiet })
+  t.equal((await calm.idempotency.stats()).warning, undefined, 'nothing to warn about')
+  const unknown = new SizedStore({ records: 1, bytes: undefined, estimated: true })
+  t.teardown(() => unknown.close())
+  const page = await build(t, { store: unknown, stats: { route: '/stats', preHandler: async () => {} } })
+  const text = (await page.inject({ url: '/stats', headers: { accept: 'text/html' } })).body
+  t.match(text, '<dd id="in-flight">unknown</dd>')
+  t.match(text, '<dd id="evictions">unknown</dd>')
+  t.notMatch(text, 'id="policy"')
 })
 
 /** A MemoryStore that keeps stats the way a shared store does: through addStats/readStats. */
@@ -290,7 +349,7 @@ test('close() sends the pending counts to a store with addStats; a failing send 
   const other = await statsApp(t, { store: failing, stats: { flushInterval: 60 * 60 * 1000 } }, capturingLogger(lines))
   await other.send('/a', 'k1')
   await other.app.close()
-  const logged = lines.filter((line) => line.msg === 'fastify-idempotency: stats could not be saved')
+  const logged = lines.filter((line) => line.msg === 'idempotency: stats could not be saved')
   t.equal(logged.length, 1)
   t.equal(logged[0].level, ERROR)
   t.equal(logged[0].err?.message, 'stats store down')
@@ -303,8 +362,8 @@ test('the timer sends pending counts every flushInterval; a failure is logged an
   const { app, send } = await statsApp(t, { store, stats: { flushInterval: 10 } }, capturingLogger(lines))
   store.failAdd = true
   await send('/a', 'k1')
-  await until(() => lines.some((line) => line.msg === 'fastify-idempotency: stats could not be saved'))
-  t.equal(lines.find((line) => line.msg === 'fastify-idempotency: stats could not be saved')?.err?.message, 'stats store down')
+  await until(() => lines.some((line) => line.msg === 'idempotency: stats could not be saved'))
+  t.equal(lines.find((line) => line.msg === 'idempotency: stats could not be saved')?.err?.message, 'stats store down')
   store.failAdd = false
   await send('/a', 'k1')
   await until(() => store.added.length > 0)

@@ -3,7 +3,7 @@
  * and closed at teardown, a log capture, and stores that fail on demand.
  */
 import './crash-guard.js'
-import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify'
+import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyServerOptions } from 'fastify'
 import fastifyIdempotency, { MemoryStore } from '../../index.js'
 import type { FastifyIdempotencyOptions, IdempotencyStore, StoredResponse } from '../../index.js'
 
@@ -53,9 +53,42 @@ export function gate (): { promise: Promise<void>, open: () => void } {
   return { promise, open }
 }
 
-/** Resolves once `check` returns true, looking every few ms (at most `tries` times). */
+/** What a held handler's answer can use: which run this is (1 for the first), its request and its reply. */
+export interface HeldRun { run: number, request: FastifyRequest, reply: FastifyReply }
+
+/** A route handler that counts its runs and holds each one (with `firstOnly`, only the first) until `open()`, then answers `answer`. */
+export function heldHandler<T> (answer: T | ((held: HeldRun) => T), { firstOnly = false }: { firstOnly?: boolean } = {}): {
+  handler: (request: FastifyRequest, reply: FastifyReply) => Promise<T>, runs: () => number, open: () => void
+} {
+  const { promise, open } = gate()
+  let runs = 0
+  const handler = async (request: FastifyRequest, reply: FastifyReply): Promise<T> => {
+    const run = ++runs
+    if (run === 1 || !firstOnly) await promise
+    return typeof answer === 'function' ? (answer as (held: HeldRun) => T)({ run, request, reply }) : answer
+  }
+  return { handler, runs: () => runs, open }
+}
+
+/**
+ * Resolves once `check` returns true, looking every 5 ms; throws, naming the
+ * check, when it is still false after `tries` looks (2 s by default).
+ */
 export async function until (check: () => boolean, tries = 400): Promise<void> {
-  for (let i = 0; i < tries && !check(); i++) await sleep(5)
+  for (let i = 0; i < tries; i++) {
+    if (check()) return
+    await sleep(5)
+  }
+  if (!check()) throw new Error(`until(): still false after ${tries} tries (${tries * 5} ms): ${check.toString()}`)
+}
+
+/** Waits until `check` (synchronous or not) holds, looking every 20 ms; throws, naming `what`, after `limit` ms. */
+export async function eventually (what: string, check: () => boolean | Promise<boolean>, limit = 10_000): Promise<void> {
+  const deadline = Date.now() + limit
+  while (!await check()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
+    await sleep(20)
+  }
 }
 
 /**

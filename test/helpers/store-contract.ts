@@ -1,7 +1,7 @@
 /**
  * The behaviour every IdempotencyStore must have, as one suite that runs
- * against the memory store, RedisStore on one Redis, and RedisStore on a
- * Redis Cluster.
+ * against the memory store, RedisStore on one Redis and on a Redis Cluster,
+ * and PostgresStore.
  */
 import type { Test } from 'tap'
 import type { IdempotencyStore, StoredResponse } from '../../types/index.js'
@@ -13,6 +13,10 @@ export interface ContractTarget {
   advance (ms: number): Promise<void>
   /** A lock or record lifetime that expires after `advance(2 * short)` and not before a few store calls. */
   short: number
+  /** Whether completed records carry `expiresIn` (checked when given). */
+  expiresIn?: boolean
+  /** Whether the store has `lookup` (checked when given as false). */
+  lookup?: boolean
 }
 
 const LONG = 60_000
@@ -31,6 +35,9 @@ export function sampleResponse (body: Buffer = BINARY): StoredResponse {
     body
   }
 }
+
+/** A JSON body, as a string: what most replies carry. */
+export const TEXT = '{"id":"pay_1","note":"naïve € ✓ \\u0000"}'
 
 async function claimToken (t: Test, store: IdempotencyStore, key: string, fingerprint: string | undefined, lockTtl: number): Promise<string> {
   const result = await store.claim(key, fingerprint, lockTtl)
@@ -78,13 +85,13 @@ export function storeContract (t: Test, target: ContractTarget): void {
     t.equal(record.response.statusCode, 201)
     t.strictSame(record.response.headers, sampleResponse().headers, 'headers, multi-value ones included')
     t.ok(Buffer.isBuffer(record.response.body), 'the body is a Buffer')
-    t.ok(record.response.body.equals(BINARY), 'the body is the same bytes')
+    t.ok(Buffer.isBuffer(record.response.body) && record.response.body.equals(BINARY), 'the body is the same bytes')
 
     t.equal(await store.complete('k', token, sampleResponse(Buffer.from('second')), LONG), false, 'a completed claim cannot be completed again')
     t.equal(await store.release('k', token), false, 'nor released')
     t.equal(await store.renew('k', token, LONG), false, 'nor renewed')
     const after = await store.claim('k', 'fp', LONG)
-    t.ok(after.record?.state === 'completed' && after.record.response.body.equals(BINARY), 'the first response stays')
+    t.ok(after.record?.state === 'completed' && Buffer.isBuffer(after.record.response.body) && after.record.response.body.equals(BINARY), 'the first response stays')
   })
 
   t.test('an empty body and a record without fingerprint survive the round trip', async (t) => {
@@ -197,5 +204,80 @@ export function storeContract (t: Test, target: ContractTarget): void {
     for (const result of results) {
       if (result.token === undefined) t.strictSame(result, { record: { state: 'in-flight', fingerprint: 'fp' } })
     }
+  })
+
+  t.test('tokens are decimal integers, strictly increasing across successive claims of one key', async (t) => {
+    const store = await target.create()
+    const tokens: bigint[] = []
+    const take = async (fingerprint: string, lockTtl: number) => {
+      const token = await claimToken(t, store, 'seq', fingerprint, lockTtl)
+      t.match(token, /^[1-9][0-9]*$/, `token ${token} is a decimal integer`)
+      tokens.push(BigInt(token))
+      return token
+    }
+    await store.release('seq', await take('a', LONG))
+    const expiring = await take('b', short)
+    await advance(short * 2)
+    t.equal(await store.complete('seq', expiring, sampleResponse(), LONG), false, 'the expired claim is gone')
+    const completed = await take('c', LONG)
+    t.equal(await store.complete('seq', completed, sampleResponse(), short), true)
+    await advance(short * 2)
+    await take('d', LONG)
+    for (let i = 1; i < tokens.length; i++) t.ok(tokens[i] > tokens[i - 1], `claim ${i + 1} (${tokens[i]}) > claim ${i} (${tokens[i - 1]})`)
+  })
+
+  t.test('a string body comes back as the same string, a Buffer body as the same bytes', async (t) => {
+    const store = await target.create()
+    const text = await claimToken(t, store, 'text', 'fp', LONG)
+    t.equal(await store.complete('text', text, { statusCode: 200, headers: { 'content-type': 'application/json' }, body: TEXT }, LONG), true)
+    const bytes = await claimToken(t, store, 'bytes', 'fp', LONG)
+    t.equal(await store.complete('bytes', bytes, sampleResponse(BINARY), LONG), true)
+    const empty = await claimToken(t, store, 'empty-string', 'fp', LONG)
+    t.equal(await store.complete('empty-string', empty, { statusCode: 200, headers: {}, body: '' }, LONG), true)
+
+    const asText = await store.claim('text', 'fp', LONG)
+    t.ok(asText.record?.state === 'completed' && asText.record.response.body === TEXT, 'the string, as a string')
+    const asBytes = await store.claim('bytes', 'fp', LONG)
+    t.ok(asBytes.record?.state === 'completed' && Buffer.isBuffer(asBytes.record.response.body) && asBytes.record.response.body.equals(BINARY), 'the bytes, as a Buffer')
+    const asEmpty = await store.claim('empty-string', 'fp', LONG)
+    t.ok(asEmpty.record?.state === 'completed' && asEmpty.record.response.body === '', 'an empty string stays an empty string')
+  })
+
+  t.test('a completed record tells how long it still lives, when the store can tell', async (t) => {
+    const store = await target.create()
+    const token = await claimToken(t, store, 'k', 'fp', short)
+    t.equal(await store.complete('k', token, sampleResponse(), LONG), true)
+    const { record } = await store.claim('k', 'fp', LONG)
+    if (record?.state !== 'completed') throw new Error('not completed')
+    if (record.expiresIn !== undefined) {
+      t.ok(record.expiresIn > LONG - 5000 && record.expiresIn <= LONG, `expiresIn ${record.expiresIn} is what is left of ttl`)
+    }
+    const forever = await claimToken(t, store, 'forever', 'fp', short)
+    t.equal(await store.complete('forever', forever, sampleResponse(), null), true)
+    const kept = await store.claim('forever', 'fp', LONG)
+    if (kept.record?.state !== 'completed') throw new Error('not completed')
+    if (kept.record.expiresIn !== undefined) t.equal(kept.record.expiresIn, Infinity, 'ttl null: Infinity')
+    t.ok(target.expiresIn === undefined || (record.expiresIn !== undefined) === target.expiresIn,
+      `this store ${target.expiresIn === true ? 'tells' : 'does not tell'} expiresIn`)
+  })
+
+  t.test('lookup reads a record without writing anything', async (t) => {
+    const store = await target.create()
+    if (store.lookup === undefined) {
+      t.equal(target.lookup, false, 'this store has no lookup')
+      return
+    }
+    t.equal(await store.lookup('absent'), undefined, 'absent: undefined')
+    t.type((await store.claim('absent', 'fp', LONG)).token, 'string', 'and the lookup created nothing')
+    const token = await claimToken(t, store, 'k', 'fp', short)
+    t.strictSame(await store.lookup('k'), { state: 'in-flight', fingerprint: 'fp' }, 'in flight')
+    t.equal(await store.complete('k', token, sampleResponse(), LONG), true)
+    const found = await store.lookup('k')
+    t.ok(found?.state === 'completed' && found.fingerprint === 'fp' && Buffer.isBuffer(found.response.body) && found.response.body.equals(BINARY), 'completed, with its response')
+    const expiring = await claimToken(t, store, 'expiring', undefined, short)
+    t.strictSame(await store.lookup('expiring'), { state: 'in-flight', fingerprint: undefined })
+    await advance(short * 2)
+    t.equal(await store.lookup('expiring'), undefined, 'an expired claim is absent')
+    t.equal(await store.complete('expiring', expiring, sampleResponse(), LONG), false)
   })
 }

@@ -76,11 +76,11 @@ withRedis(t, (t) => {
 
   t.test('a handler slower than lockTtl runs once: its lease is renewed while duplicates hit the other process', async (t) => {
     const key = `slow-${Math.random().toString(36).slice(2)}`
-    // lockTtl 150 ms, handler 600 ms: without renewal the claim would expire after 150 ms.
+    // lockTtl 1 s, handler 2.4 s: without renewal the claim would expire after 1 s.
     const original = post(servers[0].url, 'slow', key)
     const duplicates: Answer[] = []
     const start = Date.now()
-    for (const at of [200, 350, 500]) { // ms after the original was sent, all past the first lockTtl
+    for (const at of [1200, 1700, 2200]) { // ms after the original was sent, all past the first lockTtl
       await sleep(Math.max(0, start + at - Date.now()))
       duplicates.push(await post(servers[1].url, 'slow', key))
     }

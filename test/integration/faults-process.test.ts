@@ -222,7 +222,7 @@ withRedis(t, (t) => {
     t.teardown(() => counter.disconnect())
     const counterPrefix = uniquePrefix('killed')
     const LOCK_TTL = 1500
-    const env = { REDIS_PORT: String(redis.port), LOCK_TTL: String(LOCK_TTL), COUNTER_PREFIX: counterPrefix }
+    const env = { REDIS_PORT: String(redis.port), STORE_TIMEOUT: '300', LOCK_TTL: String(LOCK_TTL), COUNTER_PREFIX: counterPrefix }
     const [doomed, survivor] = await Promise.all([
       startFixture('fault-server.ts', { ...env, HOLD: '1' }),
       startFixture('fault-server.ts', env)

@@ -11,7 +11,7 @@ import t from 'tap'
 import { existsSync } from 'node:fs'
 import { chromium, type Browser, type Page } from 'playwright-core'
 import type { FastifyInstance } from 'fastify'
-import { build, gate, until, type Teardown } from '../helpers/app.js'
+import { build, heldHandler, until, type Teardown } from '../helpers/app.js'
 
 const CHROMIUM = '/usr/bin/chromium'
 const INSTALL = 'Chromium is not installed: apt-get install chromium'
@@ -45,13 +45,9 @@ function suite () {
         }
       }
     })
-    const held = gate()
-    let slowRuns = 0
+    const held = heldHandler({ paid: true }, { firstOnly: true })
     app.post('/orders', async () => ({ ok: true }))
-    app.post('/payments', async () => {
-      if (++slowRuns === 1) await held.promise
-      return { paid: true }
-    })
+    app.post('/payments', held.handler)
     app.post('/required', { config: { idempotency: true } }, async () => ({ ok: true }))
     base = await app.listen({ host: '127.0.0.1', port: 0 })
 
@@ -63,7 +59,7 @@ function suite () {
     await send('/orders', 'b')
     await send('/orders', 'c', { n: 2 })
     const original = send('/payments', 'p')
-    await until(() => slowRuns === 1)
+    await until(() => held.runs() === 1)
     await send('/payments', 'p')
     held.open()
     await original
@@ -98,7 +94,9 @@ function suite () {
     t.equal(await page.textContent('#duplicates'), '4', '2 replays, 1 mismatch, 1 conflict')
     t.equal(await page.textContent('#executed'), '4')
     t.match(await page.textContent('#last-duplicate'), /^\d{4}-\d\d-\d\dT[\d:.]+Z$/)
-    t.equal(await page.textContent('#bytes'), 'unknown')
+    t.match(await page.textContent('#bytes'), /^\d+(\.\d)? (B|KiB) of 64\.0 MiB$/, 'the memory store counts the bytes it holds, against maxBytes')
+    t.equal(await page.textContent('#in-flight'), '0')
+    t.equal(await page.textContent('#evictions'), '0')
 
     const rows = await page.locator('#routes tbody tr').evaluateAll((trs) =>
       trs.map((tr) => Array.from(tr.querySelectorAll('td'), (td) => td.textContent)))

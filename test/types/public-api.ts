@@ -5,13 +5,16 @@
 import Fastify, { type FastifyReply } from 'fastify'
 import fastifyIdempotency, {
   MemoryStore,
+  errors,
   fastifyIdempotency as named,
   type ClaimResult,
   type FastifyIdempotencyOptions,
   type IdempotencyReplyState,
   type IdempotencyRouteOptions,
   type IdempotencyStore,
+  type InheritableOptions,
   type KeyParts,
+  type SqlClient,
   type StoredResponse
 } from '../../index.js'
 
@@ -29,36 +32,53 @@ app.register(fastifyIdempotency, {
   mode: 'required',
   endpoints: ['POST /api/payments/', '/api/orders/', '* /api/critical/'],
   ttl: null,
-  lockTtl: 30_000,
+  lockTtl: '30s',
   inFlight: { wait: 1000, statusCode: 423 },
   storeOnStatuses: [200, 201],
-  conflictStatusCode: 409,
+  replayStatusCode: 409,
   replayHeader: false,
   fingerprint: (request) => request.url,
-  scope: (request) => request.headers['x-tenant'] as string | undefined,
+  scope: async (request) => request.headers['x-tenant'] as string | undefined,
   key: { maxLength: 64, pattern: /^[a-z0-9-]+$/, uuid: false },
   keyEncoder: (parts: KeyParts) => `${parts.scope ?? ''}:${parts.method}:${parts.path}:${parts.key}`,
   telemetry: true,
-  store: new MemoryStore({ maxRecords: 1000 }),
+  store: new MemoryStore({ maxRecords: 1000, maxBytes: 1 << 20, maxClaims: 500 }),
+  storeTimeout: '500ms',
+  replayCache: 0,
+  redis: { requireNoEviction: true, replicas: 1, replicaTimeout: '100ms' },
+  namespace: 'billing',
   onStoreError: 'fail-open'
 })
+app.register(fastifyIdempotency, { ttl: '24h', scope: (request) => request.headers['x-user-id'] === undefined ? null : 42 })
+app.register(fastifyIdempotency, { store: 'redis', redisNamespace: 'cache' })
+app.register(fastifyIdempotency, { store: 'postgres', pgNamespace: 'main' })
 // @ts-expect-error: mode is one of three words
 app.register(fastifyIdempotency, { mode: 'sometimes' })
 // @ts-expect-error: 409 or 423
 app.register(fastifyIdempotency, { inFlight: { statusCode: 429 } })
 // @ts-expect-error: the store must implement the interface
 app.register(fastifyIdempotency, { store: { claim () {} } })
+// @ts-expect-error: renamed to replayStatusCode
+app.register(fastifyIdempotency, { conflictStatusCode: 409 })
+// @ts-expect-error: a scope names a principal, not an object
+app.register(fastifyIdempotency, { scope: () => ({ id: 1 }) })
 
-// Route config is typed on FastifyContextConfig.
+// Route config is typed on FastifyContextConfig; it takes the inheritable options.
 app.post('/a', { config: { idempotency: true } }, async () => 'ok')
 app.post('/b', { config: { idempotency: false } }, async () => 'ok')
 app.post('/c', {
-  config: { idempotency: { required: true, manual: true, ttl: 1000, storeOnStatuses: [201], conflictStatusCode: null, fingerprint: false, scope: () => 'u1', onStoreError: 'fail-closed' } }
+  config: { idempotency: { required: true, manual: true, ttl: '7d', storeOnStatuses: [201], replayStatusCode: null, fingerprint: false, scope: () => 'u1', onStoreError: 'fail-closed', namespace: 'x' } }
 }, async () => 'ok')
 // @ts-expect-error: a route option has its own type
 app.post('/d', { config: { idempotency: { required: 'yes' } } }, async () => 'ok')
+// @ts-expect-error: lockTtl is plugin-wide
+const notInheritable: IdempotencyRouteOptions = { lockTtl: 1000 }
+expectType<IdempotencyRouteOptions>(notInheritable)
 const routeOptions: IdempotencyRouteOptions = { manual: true }
 app.post('/f', { config: { idempotency: routeOptions } }, async () => 'ok')
+const inheritable: InheritableOptions = { ttl: 1000, onReplay: () => {} }
+expectType<IdempotencyRouteOptions>(inheritable)
+expectType<FastifyIdempotencyOptions>(inheritable)
 
 // reply.idempotency is always defined and read-only.
 app.post('/e', async (_request, reply: FastifyReply) => {
@@ -68,12 +88,16 @@ app.post('/e', async (_request, reply: FastifyReply) => {
   expectType<boolean>(state.exists)
   expectType<boolean>(state.replayed)
   expectType<StoredResponse | undefined>(state.response)
+  expectType<string | undefined>(state.token)
+  expectType<AbortSignal>(state.signal)
   if (state.response !== undefined) {
     expectType<number>(state.response.statusCode)
-    expectType<Buffer>(state.response.body)
+    expectType<string | Buffer>(state.response.body)
   }
   // @ts-expect-error: read-only
   state.exists = true
+  const client: SqlClient = { query: async () => ({ rows: [], rowCount: 0 }) }
+  expectType<Promise<void>>(state.completeWith(client, { id: 1 }))
   return 'ok'
 })
 
@@ -82,10 +106,20 @@ expectType<IdempotencyStore>(app.idempotency.store)
 
 // Any object with the four methods is a store; results may be sync or async.
 const custom: IdempotencyStore = {
-  claim: async (): Promise<ClaimResult> => ({ token: 't' }),
+  claim: async (): Promise<ClaimResult> => ({ token: '1' }),
   complete: () => true,
   release: async () => true,
   renew: () => false
 }
 const options: FastifyIdempotencyOptions = { store: custom }
 expectType<FastifyIdempotencyOptions>(options)
+
+// The error classes take the arguments of their messages, and carry their code.
+const missing = new errors.KeyMissingError('idempotency-key')
+expectType<'FST_IDEMPOTENCY_KEY_MISSING'>(missing.code)
+expectType<number>(missing.statusCode)
+expectType<'FST_IDEMPOTENCY_STORE_TIMEOUT'>(new errors.StoreTimeoutError(2000).code)
+// @ts-expect-error: the header name, nothing else
+errors.KeyMissingError(42, {}, [])
+// @ts-expect-error: no arguments
+errors.InFlightError('why')
