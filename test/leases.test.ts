@@ -9,7 +9,7 @@
 import t from 'tap'
 import { MemoryStore } from '../index.js'
 import type { IdempotencyStore } from '../index.js'
-import { build, capturingLogger, ERROR, gate, sleep, until, WARN, type LogLine } from './helpers/app.js'
+import { build, capturingLogger, ERROR, gate, sleep, until, valuesStore, WARN, type LogLine } from './helpers/app.js'
 
 // The plugin's timers are unref'd (a held claim never keeps a process alive); injected requests
 // hold no socket, so this keeps the test process up while handlers wait for their signal.
@@ -117,17 +117,10 @@ t.test('a renewal that finds the claim gone: the signal aborts at once, renewals
 
 t.test('a renewal that answers after its claim ended changes nothing: the saved response stays, nothing is logged', async (t) => {
   const lines: LogLine[] = []
-  const inner = new MemoryStore()
-  t.teardown(() => inner.close())
   const answer = gate()
   let renewals = 0
-  const store: IdempotencyStore = {
-    claim: (key, fingerprint, lockTtl) => inner.claim(key, fingerprint, lockTtl),
-    complete: inner.complete.bind(inner),
-    release: inner.release.bind(inner),
-    // Held until the test lets it answer, then "lost": an answer that counted would abort and log.
-    renew: async () => { renewals++; await answer.promise; return false }
-  }
+  // Held until the test lets it answer, then "lost": an answer that counted would abort and log.
+  const store = valuesStore(t, { renew: async () => { renewals++; await answer.promise; return false } })
   const app = await build(t, { store, lockTtl: 1000 }, capturingLogger(lines))
   app.post('/', async () => {
     await until(() => renewals === 1, 200)

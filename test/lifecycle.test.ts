@@ -9,7 +9,7 @@ import { test } from 'tap'
 import Fastify from 'fastify'
 import fastifyIdempotency, { MemoryStore } from '../index.js'
 import type { IdempotencyStore, StoredResponse } from '../index.js'
-import { build, capturingLogger, ERROR, FlakyStore, gate, heldHandler, RecordingStore, sleep, until, type LogLine } from './helpers/app.js'
+import { build, capturingLogger, ERROR, FlakyStore, gate, heldHandler, RecordingStore, sleep, until, valuesStore, type LogLine } from './helpers/app.js'
 
 test('every claim ends completed or released, whatever the handler does', async (t) => {
   const store = new RecordingStore()
@@ -342,15 +342,8 @@ test('release() throwing: the client still gets its error; the failure is logged
 
 test('release() throwing synchronously (a store of values): the same, and the process stays up', async (t) => {
   const lines: LogLine[] = []
-  const inner = new MemoryStore()
-  t.teardown(() => inner.close())
   let releases = 0
-  const store: IdempotencyStore = {
-    claim: (key, fingerprint, lockTtl) => inner.claim(key, fingerprint, lockTtl),
-    complete: (key, token, response: StoredResponse, ttl) => inner.complete(key, token, response, ttl),
-    release: () => { releases++; throw new Error('store down (sync release)') },
-    renew: (key, token, lockTtl) => inner.renew(key, token, lockTtl)
-  }
+  const store = valuesStore(t, { release: () => { releases++; throw new Error('store down (sync release)') } })
   const app = await build(t, { store }, capturingLogger(lines))
   app.post('/', async () => { throw new Error('handler failed') })
   const res = await app.inject({ method: 'POST', url: '/', headers: { 'idempotency-key': 'k' } })
@@ -429,18 +422,13 @@ test('lease renewal continues after the handler ends, while its result goes thro
 
 test('a store whose renew() throws synchronously: logged, the process keeps running', async (t) => {
   const lines: LogLine[] = []
-  const inner = new MemoryStore()
-  t.teardown(() => inner.close())
   let renewals = 0
-  const store: IdempotencyStore = {
-    claim: (key, fingerprint, lockTtl) => inner.claim(key, fingerprint, lockTtl),
-    complete: (key, token, response, ttl) => inner.complete(key, token, response, ttl),
-    release: (key, token) => inner.release(key, token),
+  const store = valuesStore(t, {
     renew: () => {
       renewals++
       throw new Error('renew exploded')
     }
-  }
+  })
   const app = await build(t, { store, lockTtl: 1000 }, capturingLogger(lines))
   app.post('/', async () => {
     await until(() => renewals >= 2, 1000)

@@ -91,6 +91,19 @@ export async function eventually (what: string, check: () => boolean | Promise<b
   }
 }
 
+/** A store of values (no promises) over a MemoryStore closed at the end of the test, with the methods in `replace` swapped in. */
+export function valuesStore (t: Teardown, replace: Partial<IdempotencyStore> = {}): IdempotencyStore {
+  const inner = new MemoryStore()
+  t.teardown(() => inner.close())
+  return {
+    claim: (key, fingerprint, lockTtl) => inner.claim(key, fingerprint, lockTtl),
+    complete: (key, token, response, ttl) => inner.complete(key, token, response, ttl),
+    release: (key, token) => inner.release(key, token),
+    renew: (key, token, lockTtl) => inner.renew(key, token, lockTtl),
+    ...replace
+  }
+}
+
 /**
  * A MemoryStore whose methods can be made to throw, and which counts calls.
  * `failing.claim = true` makes the next claims throw, and so on.
