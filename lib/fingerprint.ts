@@ -81,7 +81,10 @@ type Sink = (chunk: string) => void
 
 /** Writes the canonical text of `value`, handing full chunks to `sink`, and returns the rest. */
 function canonical (value: unknown, sink: Sink | undefined): string {
-  // Most bodies are small: the general walk, given up if it passes a budget of values.
+  // Most bodies are small trees of plain JSON: a short recursive walk writes them.
+  const plain = smallPlainText(value)
+  if (plain !== undefined) return plain
+  // Otherwise the general walk, given up if it passes a budget of values.
   const first = new Writer(sink, undefined, BUDGET)
   const text = first.write(value)
   if (!first.overBudget) return text
@@ -257,13 +260,7 @@ class Writer {
       const proto = Object.getPrototypeOf(value)
       if (proto !== Object.prototype && proto !== null && this.special(value, step, parent)) return
       const keys = Object.keys(value)
-      // Clients mostly send keys in one order: sort only when they are not in order already.
-      for (let i = 1; i < keys.length; i++) {
-        if (keys[i - 1] > keys[i]) {
-          keys.sort()
-          break
-        }
-      }
+      sortKeys(keys)
       this.open(value, value as Record<string, unknown>, keys, keys.length, step, parent, '{')
     } catch {
       this.out += THROWS
@@ -330,6 +327,77 @@ class Writer {
     }
     this.out += ')'
   }
+}
+
+/** Limits of the walk for small plain bodies: containers (so also depth), keys of an object, items of an array. */
+const SMALL_CONTAINERS = 16
+const SMALL_KEYS = 32
+const SMALL_ITEMS = 64
+
+/** The containers the small walk has entered, to give up on a repeat; reused unless a walk runs inside another. */
+let smallSeen: object[] | undefined = []
+
+/**
+ * The canonical text of a small tree of plain JSON (ordinary objects and
+ * arrays, strings, finite or non-finite numbers, booleans, null, undefined
+ * where JSON.stringify skips it), exactly as the general walk writes it; or
+ * undefined for anything else, and the general walk writes it: a toJSON, a
+ * class instance, bytes, a BigInt, a container met twice, or more than the
+ * small limits. A getter or a Proxy trap that throws is read again there.
+ */
+function smallPlainText (value: unknown): string | undefined {
+  if (typeof value !== 'object' || value === null) return undefined
+  const seen = smallSeen ?? []
+  smallSeen = undefined
+  let text: string | undefined
+  try {
+    text = smallText(value, seen)
+  } catch {
+    text = undefined
+  }
+  seen.length = 0
+  smallSeen = seen
+  return text
+}
+
+function smallText (value: unknown, seen: object[]): string | undefined {
+  switch (typeof value) {
+    case 'string': return NEEDS_ESCAPE.test(value) ? JSON.stringify(value) : '"' + value + '"'
+    case 'number': return Number.isFinite(value) ? '' + value : 'null'
+    case 'boolean': return value ? 'true' : 'false'
+    case 'object': break
+    default: return undefined // undefined only where an object skips it (see below); a BigInt, a function or a symbol
+  }
+  if (value === null) return 'null'
+  if (seen.length === SMALL_CONTAINERS || seen.includes(value)) return undefined
+  seen.push(value)
+  if (typeof (value as { toJSON?: unknown }).toJSON === 'function') return undefined
+  if (Array.isArray(value)) {
+    if (value.length > SMALL_ITEMS) return undefined
+    let out = '['
+    for (let i = 0; i < value.length; i++) {
+      const item: unknown = value[i]
+      const text = item === undefined ? 'null' : smallText(item, seen)
+      if (text === undefined) return undefined
+      out += i === 0 ? text : ',' + text
+    }
+    return out + ']'
+  }
+  const proto: unknown = Object.getPrototypeOf(value)
+  if (proto !== Object.prototype && proto !== null) return undefined
+  const keys = Object.keys(value)
+  if (keys.length > SMALL_KEYS) return undefined
+  sortKeys(keys)
+  let out = '{'
+  for (let i = 0; i < keys.length; i++) {
+    const key = keys[i]
+    const item: unknown = (value as Record<string, unknown>)[key]
+    if (item === undefined) continue
+    const text = smallText(item, seen)
+    if (text === undefined) return undefined
+    out += (out.length === 1 ? quoteKey(key) : ',' + quoteKey(key)) + ':' + text
+  }
+  return out + '}'
 }
 
 /**
@@ -491,6 +559,27 @@ function bytesOf (value: ArrayBufferView | ArrayBufferLike): Buffer {
   return ArrayBuffer.isView(value)
     ? Buffer.from(value.buffer, value.byteOffset, value.byteLength)
     : Buffer.from(value)
+}
+
+/** Objects with up to this many keys have them sorted in place; Array#sort copies them first. */
+const SORTED_IN_PLACE = 32
+
+/** Sorts object keys by UTF-16 code unit, as Array#sort does. Keys are unique, so the order is total. */
+function sortKeys (keys: string[]): void {
+  if (keys.length > SORTED_IN_PLACE) {
+    keys.sort()
+    return
+  }
+  // Insertion sort: a single pass when the client sent the keys in order already.
+  for (let i = 1; i < keys.length; i++) {
+    const key = keys[i]
+    let j = i - 1
+    while (j >= 0 && keys[j] > key) {
+      keys[j + 1] = keys[j]
+      j--
+    }
+    keys[j + 1] = key
+  }
 }
 
 /** Quoted object keys: the bodies of one API repeat the same few keys. Bounded. */

@@ -406,6 +406,30 @@ test('repeats and cycles are !ref[path to where the object was first written]', 
   t.ok(canonicalJson(laughs).length < 30_000, 'a body of shared references is never expanded (2^100 arrays)')
 })
 
+/** Past the short walk's limit of array items: the general walk writes `value` as the first of them. */
+const PADDING = Array.from({ length: 64 }, () => 0)
+const generally = (value: unknown): string => canonicalJson([value, ...PADDING]).slice(1, -(PADDING.length * 2 + 1))
+
+test('small bodies: the short walk writes what the general walk writes, or leaves the body to it', async (t) => {
+  t.equal(generally({ b: 1, a: [2] }), '{"a":[2],"b":1}', 'the padding sends a body the general way')
+  fc.assert(fc.property(fc.anything({ withBigInt: true, withBoxedValues: true, withMap: true, withSet: true, withNullPrototype: true, withObjectString: true, withSparseArray: true, withTypedArray: true, withDate: true, withUnicodeString: true }), (value) => {
+    return canonicalJson(value) === generally(value)
+  }), { numRuns: 1000 })
+  const shared = { x: 1 }
+  t.equal(canonicalJson({ a: shared, b: shared }), '{"a":{"x":1},"b":!ref["a"]}', 'a container met twice')
+  const nested: unknown[] = []
+  let inner = nested
+  for (let i = 0; i < 20; i++) inner = (inner[0] = [i]) as unknown[]
+  t.equal(canonicalJson(nested), generally(nested), 'more containers than the short walk takes')
+  const wide = Object.fromEntries(Array.from({ length: 40 }, (_, i) => [`k${40 - i}`, i]))
+  t.equal(canonicalJson(wide), generally(wide), 'more keys than the short walk takes')
+  t.equal(canonicalJson(JSON.parse('{"b":1,"__proto__":{"x":1}}')), '{"__proto__":{"x":1},"b":1}', 'an own __proto__ key is data')
+  t.equal(canonicalJson({ a: [undefined, 1], b: undefined, c: 'é"' }), '{"a":[null,1],"c":"é\\""}', 'undefined as JSON.stringify writes it')
+  const reentrant = { z: 1, get a () { return canonicalJson({ y: 1, x: [2] }) } }
+  t.equal(canonicalJson(reentrant), '{"a":"{\\"x\\":[2],\\"y\\":1}","z":1}', 'a getter that asks for a canonical text meanwhile')
+  t.equal(canonicalJson({ b: 2, a: 1 }), '{"a":1,"b":2}', 'and the next body is written from a clean start')
+})
+
 test('what throws while being read is !throws, in its place', async (t) => {
   const fail = () => { throw new Error('read') }
   t.equal(canonicalJson({ a: 1, get bad () { return fail() } }), '{"a":1,"bad":!throws}', 'a getter')
