@@ -14,10 +14,12 @@
  * it; failures are logged once per claim.
  */
 import type { FastifyBaseLogger } from 'fastify'
+import { Queue } from './queue.js'
 import type { RequestState } from './state.js'
 
 export class LeaseKeeper {
-  private readonly held = new Set<RequestState>()
+  /** The requests that hold a claim, linked through their own state: no Set to hash them into. */
+  private readonly held = new Queue<RequestState>()
   private readonly abortTimers = new Map<RequestState, NodeJS.Timeout>()
   private readonly failedOnce = new WeakSet<RequestState>()
   private timer: NodeJS.Timeout | undefined
@@ -42,13 +44,17 @@ export class LeaseKeeper {
   /** `state` now holds its claim, confirmed for a claim sent at `sentAt` (`performance.now()`). */
   hold (state: RequestState, sentAt: number): void {
     state.heldUntil = sentAt + this.lockTtl - this.margin
-    this.held.add(state)
+    state.leased = true
+    this.held.push(state)
     if (this.timer === undefined) this.schedule(performance.now())
   }
 
   /** `state` no longer holds its claim (completed, released or lost): no more renewals, no abort. */
   drop (state: RequestState): void {
-    this.held.delete(state)
+    if (state.leased) {
+      state.leased = false
+      this.held.remove(state)
+    }
     if (state.controller === undefined) return // no signal was read: no abort timer
     const timer = this.abortTimers.get(state)
     if (timer !== undefined) {
@@ -82,11 +88,11 @@ export class LeaseKeeper {
     const late = now - this.dueAt
     this.timer = undefined
     if (late > this.lateAfter) {
-      this.log.warn({ lateMs: Math.round(late), held: this.held.size },
+      this.log.warn({ lateMs: Math.round(late), held: this.held.length },
         `idempotency: lease renewal ran ${Math.round(late)} ms late (event loop blocked, or the process was paused); claims may have come close to expiring`)
     }
-    for (const state of this.held) this.renew(state, now)
-    if (this.held.size > 0) this.schedule(now)
+    for (let state = this.held.head; state !== undefined; state = state.next) this.renew(state, now)
+    if (this.held.length > 0) this.schedule(now)
   }
 
   private renew (state: RequestState, sentAt: number): void {

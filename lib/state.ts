@@ -6,6 +6,7 @@
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import { completeWith } from './complete-with.js'
 import { CompleteWithError } from './errors.js'
+import type { Linked } from './queue.js'
 import type { RouteSettings } from './route-config.js'
 import type { IdempotencyReplyState, SqlClient, StoredResponse } from '../types/index.js'
 
@@ -29,7 +30,7 @@ export const NO_KEY: IdempotencyReplyState = Object.freeze({
   }
 })
 
-export class RequestState implements IdempotencyReplyState {
+export class RequestState implements IdempotencyReplyState, Linked<RequestState> {
   key: string | undefined = undefined
   exists = false
   replayed = false
@@ -62,6 +63,10 @@ export class RequestState implements IdempotencyReplyState {
   leaseLost = false
   /** Made on the first read of `signal`. */
   controller: AbortController | undefined = undefined
+  /** Among the leases the keeper renews, linked in its queue. */
+  leased = false
+  prev: RequestState | undefined = undefined
+  next: RequestState | undefined = undefined
 
   /** When the request arrived, in ms since the epoch and as `performance.now()` (telemetry only). */
   startedAt = 0
