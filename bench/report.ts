@@ -19,6 +19,8 @@ export interface Measurement {
   p99: number
   /** Server CPU (user + system) per answered request, µs. */
   cpuPerRequest: number
+  /** Of that, the time in garbage collection, µs. */
+  gcPerRequest: number
   requests: number
   non2xx: number
   errors: number
@@ -37,6 +39,7 @@ export interface Row {
   p50: number
   p99: number
   cpuPerRequest: number
+  gcPerRequest: number
   /** Medians of the per-round ratios to the baseline; undefined for the baseline itself or without one. */
   rpsRatio?: number
   cpuRatio?: number
@@ -77,6 +80,7 @@ export function aggregate (measurements: Measurement[]): Row[] {
         p50: median(mine.map((m) => m.p50)),
         p99: median(mine.map((m) => m.p99)),
         cpuPerRequest: median(mine.map((m) => m.cpuPerRequest)),
+        gcPerRequest: median(mine.map((m) => m.gcPerRequest)),
         rpsRatio: ratios((m) => m.rps),
         cpuRatio: ratios((m) => m.cpuPerRequest),
         p99Ratio: ratios((m) => m.p99),
@@ -95,11 +99,11 @@ const thousands = (value: number) => Math.round(value).toLocaleString('en-US')
 
 export function table (rows: Row[]): string {
   const lines = [
-    '| configuration | scenario | req/s | p50 ms | p99 ms | CPU µs/req | req/s × bare | CPU × bare | p99 × bare | handler runs/req | non-2xx | other CPU |',
-    '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |'
+    '| configuration | scenario | req/s | p50 ms | p99 ms | CPU µs/req | GC µs/req | req/s × bare | CPU × bare | p99 × bare | handler runs/req | non-2xx | other CPU |',
+    '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |'
   ]
   for (const row of rows) {
-    lines.push(`| ${row.config} | ${row.scenario} | ${thousands(row.rps)} | ${fixed(row.p50, 2)} | ${fixed(row.p99, 2)} | ${fixed(row.cpuPerRequest, 1)} | ` +
+    lines.push(`| ${row.config} | ${row.scenario} | ${thousands(row.rps)} | ${fixed(row.p50, 2)} | ${fixed(row.p99, 2)} | ${fixed(row.cpuPerRequest, 1)} | ${fixed(row.gcPerRequest, 1)} | ` +
       `${fixed(row.rpsRatio, 2)} | ${fixed(row.cpuRatio, 2)} | ${fixed(row.p99Ratio, 2)} | ${fixed(row.handlerShare, 3)} | ${row.non2xx} | ${fixed(row.noise, 2)} |`)
   }
   return lines.join('\n')

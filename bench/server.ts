@@ -18,6 +18,7 @@
  * its own helpers to every closure). Without it, the TypeScript source.
  */
 import { createServer, type Server } from 'node:http'
+import { PerformanceObserver } from 'node:perf_hooks'
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
 import type { MemoryStore } from '../index.js'
 import { KEY_HEADER, ROUTE, configuration, orderFor, type FromServer, type OrderInput, type ServerStats, type ToServer } from './shared.js'
@@ -31,6 +32,11 @@ const postgresUrl = process.env.BENCH_POSTGRES_URL
 const verify = process.env.BENCH_VERIFY === '1'
 
 let requests = 0
+/** Garbage collection pauses, µs: one performance entry per collection, summed as they come. */
+let gcMicros = 0
+new PerformanceObserver((list) => {
+  for (const entry of list.getEntries()) gcMicros += entry.duration * 1000
+}).observe({ entryTypes: ['gc'] })
 let handlerRuns = 0
 let keyedRequests = 0
 const requestKeys = new Set<string>()
@@ -162,6 +168,7 @@ function stats (): ServerStats {
   const memory = process.memoryUsage()
   return {
     cpuMicros: cpu.user + cpu.system,
+    gcMicros,
     requests,
     handlerRuns,
     rss: memory.rss,

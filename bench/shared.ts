@@ -113,6 +113,8 @@ export function orderFor (input: OrderInput, sequence: number): Record<string, u
 export interface ServerStats {
   /** process.cpuUsage() user + system, µs, since the process started. */
   cpuMicros: number
+  /** Time spent in garbage collection (the 'gc' performance entries), µs, since the process started. */
+  gcMicros: number
   /** Requests the server has taken in (its 'request' events), including those the load generator stopped waiting for. */
   requests: number
   handlerRuns: number
