@@ -32,11 +32,6 @@ const postgresUrl = process.env.BENCH_POSTGRES_URL
 const verify = process.env.BENCH_VERIFY === '1'
 
 let requests = 0
-/** Garbage collection pauses, µs: one performance entry per collection, summed as they come. */
-let gcMicros = 0
-new PerformanceObserver((list) => {
-  for (const entry of list.getEntries()) gcMicros += entry.duration * 1000
-}).observe({ entryTypes: ['gc'] })
 let handlerRuns = 0
 let keyedRequests = 0
 const requestKeys = new Set<string>()
@@ -44,6 +39,11 @@ const handlerKeys = new Set<string>()
 /** Completed records in the store, for the memory run. */
 let storeRecords: (() => number) | undefined
 const closers: Array<() => unknown> = []
+/** Garbage collection pauses, µs: one performance entry per collection, summed as they come. */
+let gcMicros = 0
+new PerformanceObserver((list) => {
+  for (const entry of list.getEntries()) gcMicros += entry.duration * 1000
+}).observe({ entryTypes: ['gc'] })
 
 /** The route's logic: one handler run, one order. */
 function placeOrder (body: OrderInput, key: unknown): Record<string, unknown> {

@@ -222,8 +222,8 @@ class Writer {
   private value (value: unknown, step: Step, parent: number): void {
     this.values++
     switch (typeof value) {
-      case 'string': this.out += NEEDS_ESCAPE.test(value) ? JSON.stringify(value) : '"' + value + '"'; return
-      case 'number': this.out += Number.isFinite(value) ? '' + value : 'null'; return
+      case 'string': this.out += stringText(value); return
+      case 'number': this.out += numberText(value); return
       case 'boolean': this.out += value ? 'true' : 'false'; return
       case 'bigint': this.out += '!bigint(' + value + ')'; return
       case 'object': if (value !== null) { this.object(value, step, parent); return } break
@@ -334,9 +334,6 @@ const SMALL_CONTAINERS = 16
 const SMALL_KEYS = 32
 const SMALL_ITEMS = 64
 
-/** The containers the small walk has entered, to give up on a repeat; reused unless a walk runs inside another. */
-let smallSeen: object[] | undefined = []
-
 /**
  * The canonical text of a small tree of plain JSON (ordinary objects and
  * arrays, strings, finite or non-finite numbers, booleans, null, undefined
@@ -347,23 +344,18 @@ let smallSeen: object[] | undefined = []
  */
 function smallPlainText (value: unknown): string | undefined {
   if (typeof value !== 'object' || value === null) return undefined
-  const seen = smallSeen ?? []
-  smallSeen = undefined
-  let text: string | undefined
   try {
-    text = smallText(value, seen)
+    // The containers entered so far, to give up on a repeat.
+    return smallText(value, [])
   } catch {
-    text = undefined
+    return undefined
   }
-  seen.length = 0
-  smallSeen = seen
-  return text
 }
 
 function smallText (value: unknown, seen: object[]): string | undefined {
   switch (typeof value) {
-    case 'string': return NEEDS_ESCAPE.test(value) ? JSON.stringify(value) : '"' + value + '"'
-    case 'number': return Number.isFinite(value) ? '' + value : 'null'
+    case 'string': return stringText(value)
+    case 'number': return numberText(value)
     case 'boolean': return value ? 'true' : 'false'
     case 'object': break
     default: return undefined // undefined only where an object skips it (see below); a BigInt, a function or a symbol
@@ -559,6 +551,16 @@ function bytesOf (value: ArrayBufferView | ArrayBufferLike): Buffer {
   return ArrayBuffer.isView(value)
     ? Buffer.from(value.buffer, value.byteOffset, value.byteLength)
     : Buffer.from(value)
+}
+
+/** A string as JSON.stringify writes it: most need no escaping, and get their quotes without a call into the engine. */
+function stringText (value: string): string {
+  return NEEDS_ESCAPE.test(value) ? JSON.stringify(value) : '"' + value + '"'
+}
+
+/** A number as JSON.stringify writes it. */
+function numberText (value: number): string {
+  return Number.isFinite(value) ? '' + value : 'null'
 }
 
 /** Objects with up to this many keys have them sorted in place; Array#sort copies them first. */

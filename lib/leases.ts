@@ -44,17 +44,13 @@ export class LeaseKeeper {
   /** `state` now holds its claim, confirmed for a claim sent at `sentAt` (`performance.now()`). */
   hold (state: RequestState, sentAt: number): void {
     state.heldUntil = sentAt + this.lockTtl - this.margin
-    state.leased = true
     this.held.push(state)
     if (this.timer === undefined) this.schedule(performance.now())
   }
 
   /** `state` no longer holds its claim (completed, released or lost): no more renewals, no abort. */
   drop (state: RequestState): void {
-    if (state.leased) {
-      state.leased = false
-      this.held.remove(state)
-    }
+    if (this.held.holds(state)) this.held.remove(state)
     if (state.controller === undefined) return // no signal was read: no abort timer
     const timer = this.abortTimers.get(state)
     if (timer !== undefined) {

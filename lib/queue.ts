@@ -35,6 +35,11 @@ export class Queue<T extends Linked<T>> {
     this.length--
   }
 
+  /** Whether `item` is in this queue, for items that are only ever in this one. */
+  holds (item: T): boolean {
+    return item.prev !== undefined || this.head === item
+  }
+
   toBack (item: T): void {
     if (item === this.tail) return
     this.remove(item)

@@ -63,8 +63,7 @@ export class RequestState implements IdempotencyReplyState, Linked<RequestState>
   leaseLost = false
   /** Made on the first read of `signal`. */
   controller: AbortController | undefined = undefined
-  /** Among the leases the keeper renews, linked in its queue. */
-  leased = false
+  /** Links in the lease keeper's queue of held claims. */
   prev: RequestState | undefined = undefined
   next: RequestState | undefined = undefined
 
