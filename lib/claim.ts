@@ -21,7 +21,7 @@ import { isThenable } from './thenable.js'
 import { replayResponse } from './response.js'
 import type { RouteSettings } from './route-config.js'
 import { RequestState, kState, type StatefulReply } from './state.js'
-import type { ClaimResult, IdempotencyEvent, IdempotencyRecord, StoreErrorPolicy } from '../types/index.js'
+import type { ClaimResult, IdempotencyEvent, IdempotencyRecord, MaybePromise, StoreErrorPolicy } from '../types/index.js'
 
 type RequestError = Error & { code: string, statusCode: number }
 
@@ -60,35 +60,64 @@ export function checkHeader (route: RouteSettings) {
   }
 }
 
-/** What claimKey answers for a request without a key: one settled promise, shared. */
-const NOTHING: Promise<undefined> = Promise.resolve(undefined)
+/** What the claim step ends with: the handler runs (undefined), or the request was answered with this reply. */
+type Answer = FastifyReply | undefined
+
+/** What `answerClaim` says of a key whose original request is still in flight: wait, then claim again. */
+const IN_FLIGHT = Symbol('in flight')
 
 /**
  * preHandler, last in the route's chain: builds the store key and the
- * fingerprint, then claims the key or answers the duplicate. The steps that
- * may wait (an async scope, a body to read) wait only when they must.
+ * fingerprint, then claims the key or answers the duplicate. It stays
+ * synchronous as long as everything it needs is at hand: a synchronous scope
+ * and body, and a store that answers at once (the memory store, a cached
+ * replay) go on to the handler or answer through `done`, without a promise
+ * or a trip through the microtask queue. Anything that must wait returns a
+ * promise instead, and Fastify waits for it.
  */
-export function claimKey (request: FastifyRequest, reply: FastifyReply): Promise<FastifyReply | undefined> {
+export function claimKey (request: FastifyRequest, reply: FastifyReply, done: HookHandlerDoneFunction): Promise<Answer> | undefined {
   const state = (reply as StatefulReply)[kState]
-  if (state === null || state.key === undefined) return NOTHING
+  if (state === null || state.key === undefined) {
+    done()
+    return
+  }
   const scoped = scopeOf(state)
   const streamed = state.route.fingerprint === defaultFingerprint && isStream(request.body)
   // An invalid scope goes the slow way too: it is refused there.
   if (isThenable(scoped) || streamed || typeof scoped === 'object') return claimAfterWaiting(state, scoped, streamed)
   storeKeyOf(state, scoped)
-  return claimOrAnswer(state, state.route.fingerprint?.(request))
+  const fingerprint = state.route.fingerprint?.(request)
+  const sentAt = performance.now()
+  const claimed = callClaim(state, fingerprint)
+  if (isThenable(claimed)) return claimOrAnswer(state, fingerprint, claimed, sentAt)
+  let answer: Answer | typeof IN_FLIGHT
+  try {
+    answer = answerClaim(state, fingerprint, claimed, sentAt)
+  } catch (err) {
+    done(err as Error)
+    return
+  }
+  if (answer === IN_FLIGHT) return claimOrAnswer(state, fingerprint, undefined, sentAt)
+  if (answer === undefined) done()
+  // Otherwise the request was answered (a replay, a problem+json refusal): the chain stops there.
+  return undefined
 }
 
-async function claimAfterWaiting (state: RequestState, scoped: Scope | Promise<Scope>, streamed: boolean): Promise<FastifyReply | undefined> {
+async function claimAfterWaiting (state: RequestState, scoped: Scope | Promise<Scope>, streamed: boolean): Promise<Answer> {
   const scope = await scoped
   if (typeof scope === 'object') return reject(state, new InvalidScopeError(describe(scope.value)))
   storeKeyOf(state, scope)
-  if (!streamed) return claimOrAnswer(state, state.route.fingerprint?.(state.request))
-  // A body the content-type parser left as a stream is read here, so that the fingerprint covers its bytes.
-  const putBack = await readStreamBody(state.request)
-  const fingerprint = defaultFingerprint(state.request)
-  putBack()
-  return claimOrAnswer(state, fingerprint)
+  let fingerprint: string | undefined
+  if (streamed) {
+    // A body the content-type parser left as a stream is read here, so that the fingerprint covers its bytes.
+    const putBack = await readStreamBody(state.request)
+    fingerprint = defaultFingerprint(state.request)
+    putBack()
+  } else {
+    fingerprint = state.route.fingerprint?.(state.request)
+  }
+  const sentAt = performance.now()
+  return claimOrAnswer(state, fingerprint, callClaim(state, fingerprint), sentAt)
 }
 
 /** The store key of the request: its scope, method, path (without the query string) and key. */
@@ -98,61 +127,86 @@ function storeKeyOf (state: RequestState, scope: string | undefined): void {
   state.storeKey = state.route.keyEncoder({ scope, method, path: queryAt === -1 ? url : url.slice(0, queryAt), key: state.key as string })
 }
 
-/** The claim loop: one atomic store step, then the answer for what holds the key. */
-async function claimOrAnswer (state: RequestState, fingerprint: string | undefined): Promise<FastifyReply | undefined> {
+/** One atomic claim-or-get of the key in the store; a store that throws gives a rejected promise. */
+function callClaim (state: RequestState, fingerprint: string | undefined): MaybePromise<ClaimResult> {
+  try {
+    return state.route.store.claim(state.storeKey, fingerprint, state.route.plugin.lockTtl)
+  } catch (err) {
+    return Promise.reject(err)
+  }
+}
+
+/**
+ * The claim loop, for whatever must wait: the store's answer (`claimed`), a
+ * store failure, or an original in flight (`claimed` undefined: the first
+ * claim found it so). It claims again with back-off until the key is
+ * claimed, its record is complete, or inFlight.wait is over.
+ */
+async function claimOrAnswer (state: RequestState, fingerprint: string | undefined, claimed: MaybePromise<ClaimResult> | undefined, sentAt: number): Promise<Answer> {
   const { route, request, reply } = state
-  const { lockTtl, inFlightWait } = route.plugin
+  const { inFlightWait } = route.plugin
   const deadline = inFlightWait > 0 ? performance.now() + inFlightWait : 0
   let pause = FIRST_POLL
-  let seenInFlight = false
+  let seenInFlight = claimed === undefined
   for (;;) {
-    const sentAt = performance.now()
-    let result: ClaimResult
-    try {
-      const claimed = route.store.claim(state.storeKey, fingerprint, lockTtl)
-      // A synchronous store (memory) answers without a trip through the microtask queue.
-      result = isThenable(claimed) ? await claimed : claimed
-    } catch (err) {
-      if (REFUSALS.has((err as { code?: string }).code as string)) return answerRefusal(state, err as RequestError)
-      route.counters.storeErrors++
-      const record = await lookupAfterFailure(state)
-      if (record === undefined) return refuse(state, err, seenInFlight)
-      request.log.error({ err, idempotencyKey: state.logKey }, 'idempotency: store failed; the key was read instead (read-only lookup)')
-      result = { record }
-    }
-    if (result.token !== undefined) {
-      holdClaim(state, result.token, sentAt)
-      return
-    }
-    const record = result.record
-    if (fingerprint !== undefined && record.fingerprint !== undefined && record.fingerprint !== fingerprint) {
-      countDuplicate(route, 'mismatches')
-      request.log.warn({ idempotencyKey: state.logKey }, 'idempotency: key reused with a different request (422)')
-      emit(route.onMismatch, state)
-      return reject(state, new FingerprintMismatchError())
-    }
-    if (record.state === 'completed') {
-      countDuplicate(route, 'replayed')
-      state.exists = true
-      state.response = record.response
-      if (route.manual) return // the handler decides what a duplicate gets
-      state.replayed = true
-      state.replayPending = true
-      if (logsDebug(request.log)) request.log.debug({ idempotencyKey: state.logKey }, 'idempotency: replayed a saved response')
-      emit(route.onReplay, state)
-      return replayResponse(reply, record.response, route.replayStatusCode ?? record.response.statusCode, route.plugin.replayHeader)
+    if (claimed !== undefined) {
+      let result: ClaimResult
+      try {
+        result = await claimed
+      } catch (err) {
+        if (REFUSALS.has((err as { code?: string }).code as string)) return answerRefusal(state, err as RequestError)
+        route.counters.storeErrors++
+        const record = await lookupAfterFailure(state)
+        if (record === undefined) return refuse(state, err, seenInFlight)
+        request.log.error({ err, idempotencyKey: state.logKey }, 'idempotency: store failed; the key was read instead (read-only lookup)')
+        result = { record }
+      }
+      const answer = answerClaim(state, fingerprint, result, sentAt)
+      if (answer !== IN_FLIGHT) return answer
+      seenInFlight = true
     }
     // In flight: wait for the original to complete or release the key, up to inFlight.wait.
     // Waiting polls the same claim-or-get step with back-off: it works on any store and
     // across processes, needs no extra connection (pub/sub) or server setting (keyspace
     // notifications), and a waiter that finds the key released claims it in that step.
-    seenInFlight = true
     const left = deadline - performance.now()
     if (left <= 0) return answerInFlight(state)
     await sleep(Math.min(pause, left))
     if (reply.sent) return // answered meanwhile (a handler timeout): stop waiting
     pause = Math.min(pause * 2, LONGEST_POLL)
+    sentAt = performance.now()
+    claimed = callClaim(state, fingerprint)
   }
+}
+
+/**
+ * What the store's answer means for the request: it holds the claim (the
+ * handler runs), or it is a duplicate: refused when its fingerprint differs
+ * (422), replayed when the record is complete, or IN_FLIGHT.
+ */
+function answerClaim (state: RequestState, fingerprint: string | undefined, result: ClaimResult, sentAt: number): Answer | typeof IN_FLIGHT {
+  const { route, request, reply } = state
+  if (result.token !== undefined) {
+    holdClaim(state, result.token, sentAt)
+    return
+  }
+  const record = result.record
+  if (fingerprint !== undefined && record.fingerprint !== undefined && record.fingerprint !== fingerprint) {
+    countDuplicate(route, 'mismatches')
+    request.log.warn({ idempotencyKey: state.logKey }, 'idempotency: key reused with a different request (422)')
+    emit(route.onMismatch, state)
+    return reject(state, new FingerprintMismatchError())
+  }
+  if (record.state !== 'completed') return IN_FLIGHT
+  countDuplicate(route, 'replayed')
+  state.exists = true
+  state.response = record.response
+  if (route.manual) return // the handler decides what a duplicate gets
+  state.replayed = true
+  state.replayPending = true
+  if (logsDebug(request.log)) request.log.debug({ idempotencyKey: state.logKey }, 'idempotency: replayed a saved response')
+  emit(route.onReplay, state)
+  return replayResponse(reply, record.response, route.replayStatusCode ?? record.response.statusCode, route.plugin.replayHeader)
 }
 
 /** The request now holds the claim: it runs the handler, renews its lease, and ends the claim when it is over. */

@@ -79,6 +79,32 @@ withRedis(t, (t) => {
     t.equal(runs(), 2)
   })
 
+  t.test('a replay from the copy is sent in the same turn as the route\'s preHandlers; one the store answers is not', async (t) => {
+    const store = sharedStore(t)
+    const app = await build(t, { store, scope: (request) => String(request.headers['x-user']) })
+    type Marked = { sameTurn?: boolean }
+    const sameTurn: boolean[] = []
+    app.post('/', {
+      preHandler (request, _reply, done) {
+        (request as Marked).sameTurn = true
+        queueMicrotask(() => { (request as Marked).sameTurn = false })
+        done()
+      },
+      onSend (request, _reply, payload, done) {
+        sameTurn.push((request as Marked).sameTurn === true)
+        done(null, payload)
+      }
+    }, async () => ({ ok: true }))
+    await app.ready()
+    await post(app, 'k')
+    await until(() => store.calls.complete === 1)
+    const claims = store.calls.claim
+    t.equal((await post(app, 'k')).headers['idempotent-replayed'], 'true', 'fetched from the store')
+    t.equal((await post(app, 'k')).headers['idempotent-replayed'], 'true', 'replayed from the copy')
+    t.equal(store.calls.claim, claims + 1)
+    t.same(sameTurn, [false, false, true], 'the first run and the fetched replay waited for Redis; the copy answered at once')
+  })
+
   t.test('a record another process saved is fetched once, then replayed from the copy', async (t) => {
     const { app, store } = await cachedApp(t)
     // Another process completes the key in the shared store.
