@@ -10,19 +10,27 @@ import type { KeyEncoder, KeyParts } from '../types/index.js'
 
 export const KEY_PREFIX = 'idem:'
 
-/** The parts as one string: every part but the last is length-prefixed or free of '|', so no two sets of parts give the same string. */
-function joined (parts: KeyParts): string {
-  const scope = parts.scope === undefined ? '-' : parts.scope.length + ':' + parts.scope
-  return scope + '|' + parts.method + '|' + parts.path.length + ':' + parts.path + '|' + parts.key
+/**
+ * The parts as one string, after `prefix`: every part but the last is
+ * length-prefixed or free of '|', so no two sets of parts give the same string.
+ *
+ * Store keys are built by `join`, not `+`: V8 keeps a string made by `+` as a
+ * tree of its pieces, and a store or cache that keeps the key (a Map key)
+ * would keep the tree, several objects a record for the garbage collector to
+ * copy, and walk it on every lookup. `join` writes one flat string.
+ */
+function joined (prefix: string, parts: KeyParts): string {
+  const { scope, path } = parts
+  return [prefix, scope === undefined ? '-' : scope.length + ':' + scope, '|', parts.method, '|', path.length, ':', path, '|', parts.key].join('')
 }
 
 export function defaultKeyEncoder (parts: KeyParts): string {
-  return KEY_PREFIX + hash('sha256', joined(parts), 'base64url')
+  return [KEY_PREFIX, hash('sha256', joined('', parts), 'base64url')].join('')
 }
 
 /** The default store key of a store in this process: the parts, unhashed (logs show a hash of it). */
 export function localKeyEncoder (parts: KeyParts): string {
-  return KEY_PREFIX + joined(parts)
+  return joined(KEY_PREFIX, parts)
 }
 
 /**

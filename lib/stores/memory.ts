@@ -73,7 +73,8 @@ class Entry {
   constructor (
     readonly key: string,
     readonly fingerprint: string | undefined,
-    readonly token: string,
+    /** The claim's fencing token; '' once completed (a record kept for long keeps no more than it needs). */
+    public token: string,
     public expiresAt: number
   ) {}
 
@@ -89,6 +90,7 @@ class Entry {
 
   completeWith (response: StoredResponse, expiresAt: number, bytes: number): void {
     this.state = COMPLETED
+    this.token = ''
     this.response = response
     this.shared = undefined
     this.expiresAt = expiresAt
