@@ -27,6 +27,7 @@ import { parseArgs } from 'node:util'
 import { postgresAvailable, startPostgres } from '../support/postgres.js'
 import { redisAvailable, startRedis } from '../support/redis.js'
 import { startLoad, startServer, tasksetWorks, type LoadProcess } from './processes.js'
+import { cpuByPart, profileTable, type ProfileRow, type Window } from './profile.js'
 import { aboveFloors, aggregate, floorTable, machine, median, table, type Machine, type Measurement } from './report.js'
 import { CONFIGURATIONS, ROOT, SCENARIOS, configuration, floorsOf, scenario as scenarioOf, type ScenarioName, type ServerStats } from './shared.js'
 
@@ -280,6 +281,8 @@ let cell = 0
 let plugin: string | undefined
 /** The CPU profiles this run wrote (--profile). */
 const profiles = new Set<string>()
+/** Where each profiled server's CPU went over its measured window (--profile). */
+const profileRows: ProfileRow[] = []
 
 /** One measurement: a fresh server, seeded, warmed up, measured. */
 async function measure (load: LoadProcess, name: string, scenario: ScenarioName, round: number, backend: Backend | undefined, checks: Checked[]): Promise<Measurement> {
@@ -287,6 +290,7 @@ async function measure (load: LoadProcess, name: string, scenario: ScenarioName,
   const cpuProfile = args.profile ? join(PROFILES, `${name}.${scenario}.r${round}.cpuprofile`) : undefined
   const url = backendOf(name) === 'postgres' ? { postgresUrl: backend?.url } : { redisUrl: backend?.url }
   const server = await startServer(name, { core: SERVER_CORE, ...url, verify: args.verify, plugin, cpuProfile })
+  let window: Window | undefined
   try {
     const prefix = `${runId}-${(++cell).toString(36).padStart(4, '0')}-`
     const base = { url: server.url, scenario, connections, prefix }
@@ -311,6 +315,7 @@ async function measure (load: LoadProcess, name: string, scenario: ScenarioName,
     // Per request the server took in over the measured window: the server's CPU covers the requests still
     // in flight when the load generator stopped (up to one per connection), which it never counts as answered.
     const served = after.requests - before.requests
+    window = { from: before.clockMicros, to: after.clockMicros, requests: served }
     return {
       round,
       config: name,
@@ -329,9 +334,17 @@ async function measure (load: LoadProcess, name: string, scenario: ScenarioName,
     }
   } finally {
     await server.stop()
-    if (cpuProfile !== undefined && existsSync(cpuProfile)) profiles.add(cpuProfile)
+    if (cpuProfile !== undefined && existsSync(cpuProfile)) {
+      profiles.add(cpuProfile)
+      if (window !== undefined) profileRows.push({ config: name, scenario, round, micros: cpuByPart(cpuProfile, window, pathToFileURL(ROOT + '/').href, pluginFolder()) })
+    }
     await backend?.flush()
   }
+}
+
+/** The file URL of the folder the plugin runs from, with a trailing slash. */
+function pluginFolder (): string {
+  return plugin === undefined ? pathToFileURL(ROOT + '/').href : new URL('.', plugin).href
 }
 
 /** Waits (up to --quiet-wait seconds) until other processes use at most --max-noise cores over one second. */
@@ -438,7 +451,17 @@ async function benchmark (): Promise<void> {
     writeFileSync(join(RESULTS, 'latest.md'), markdown({ host, text, floors, notes, minutes }))
     console.log(`written: bench/results/latest.md (${minutes} min)`)
   }
-  if (args.profile) console.log(profileNote())
+  if (args.profile) {
+    console.log(profileNote())
+    if (profileRows.length > 0) {
+      const where = profileTable(profileRows)
+      console.log('\nWhere the CPU went over the measured load (self time, µs/req, with the profiler\'s own cost):\n' + where + '\n')
+      if (!args['no-write']) {
+        writeFileSync(join(RESULTS, 'profile.md'), profileMarkdown({ host, where, minutes }))
+        console.log('written: bench/results/profile.md')
+      }
+    }
+  }
 }
 
 function profileNote (): string {
@@ -471,6 +494,18 @@ ${r.floors === undefined
 
 ${r.floors}
 `}`
+}
+
+function profileMarkdown (r: { host: Machine, where: string, minutes: string }): string {
+  return `# Where the CPU goes
+
+Written by \`${commandLine()}\` on ${new Date().toISOString().slice(0, 10)} (${r.minutes} min).
+
+Machine: ${describe(r.host)}.
+Each server ran under \`node --cpu-prof\`; the samples taken while the measured load ran (warm-up and start-up left out) are grouped by whose code was running (self time: the function on top of the stack), in µs of CPU per request. The profiler costs time of its own, so the totals are above the CPU column of an unprofiled run; the differences between configurations are what to read. "↳ above fastify" is the row above minus bare Fastify in the same scenario and round. How the parts are told apart: [bench/profile.ts](../profile.ts).
+
+${r.where}
+`
 }
 
 /** The memory run: unique keys into the memory store, RSS before, every 100k, after. */

@@ -169,6 +169,7 @@ function stats (): ServerStats {
   return {
     cpuMicros: cpu.user + cpu.system,
     gcMicros,
+    clockMicros: Number(process.hrtime.bigint() / 1000n),
     requests,
     handlerRuns,
     rss: memory.rss,

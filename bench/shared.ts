@@ -115,6 +115,8 @@ export interface ServerStats {
   cpuMicros: number
   /** Time spent in garbage collection (the 'gc' performance entries), µs, since the process started. */
   gcMicros: number
+  /** The monotonic clock, µs: the clock of a CPU profile's timestamps (profile.ts cuts the measured window out of it). */
+  clockMicros: number
   /** Requests the server has taken in (its 'request' events), including those the load generator stopped waiting for. */
   requests: number
   handlerRuns: number
