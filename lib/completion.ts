@@ -46,6 +46,11 @@ export function trackHandler (handler: RouteHandlerMethod): RouteHandlerMethod {
     } else if (reply.sent) {
       state.running = false // it answered (or hijacked the reply) during the call
       endClaim(state)
+    } else if (state.responseOver && result === undefined) {
+      // Its client went away before it ran, and it returned neither a promise nor a value: nothing
+      // tells when it ends, so it counts as over now, as when the client goes away while it runs.
+      state.running = false
+      endClaim(state)
     } else {
       state.endsWithSend = true // its value, or a later reply.send, is on its way to onSend
     }
@@ -140,10 +145,12 @@ function sameBody (a: string | Buffer, b: string | Buffer): boolean {
 
 /** Marks the response over when the raw response closes (sent, or the connection cut). */
 export function watchResponse (state: RequestState): void {
-  const raw = state.reply.raw
+  const { raw, sent } = state.reply
   if (raw.writableFinished || raw.destroyed) {
     state.responseOver = true
-    endClaim(state)
+    // The client went away while the claim was pending: Fastify still runs the handler (it runs
+    // it unless a reply went out), so the claim ends when the handler does, never before it.
+    if (sent) endClaim(state)
     return
   }
   raw.on('close', () => { // emitted once, at the end of the response

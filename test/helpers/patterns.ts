@@ -309,9 +309,9 @@ export function lifecyclePatterns (t: Test, target: PatternTarget): void {
   })
 
   // Real sockets: the client hangs up, a connection timeout, raw writes.
-  async function listen (t: Test, handler: Handler, server: FastifyServerOptions = {}, options: FastifyIdempotencyOptions = {}) {
+  async function listen (t: Test, handler: Handler, server: FastifyServerOptions = {}, options: FastifyIdempotencyOptions = {}, setup?: (app: FastifyInstance) => void) {
     const lines: LogLine[] = []
-    const { app, store } = await plugin(t, handler, { lockTtl: 1500, ...options }, { ...server, ...capturingLogger(lines) })
+    const { app, store } = await plugin(t, handler, { lockTtl: 1500, ...options }, { ...server, ...capturingLogger(lines) }, setup)
     await app.listen({ port: 0, host: '127.0.0.1' })
     const { port } = app.server.address() as AddressInfo
     /** POSTs with the key; resolves with the answer, or status 0 when the connection was cut. */
@@ -359,6 +359,44 @@ export function lifecyclePatterns (t: Test, target: PatternTarget): void {
     t.equal(retry.headers['idempotent-replayed'], 'true')
     t.same(JSON.parse(retry.body), { charged: 1 })
     t.equal(work.runs(), 1)
+  })
+
+  /** A preHandler before the plugin's that holds the first request until its client has hung up. */
+  const firstWaitsForHangUp = (app: FastifyInstance) => {
+    let requests = 0
+    app.addHook('preHandler', async (_request, reply) => {
+      if (++requests === 1) await new Promise((resolve) => reply.raw.once('close', resolve))
+    })
+  }
+
+  t.test('the client hangs up before the claim is made: Fastify still runs the handler, which holds the key; the retry replays it', async (t) => {
+    const work = heldHandler(({ run, reply }) => {
+      reply.code(201)
+      return { charged: run }
+    }, { firstOnly: true })
+    const { store, post } = await listen(t, work.handler, {}, {}, firstWaitsForHangUp)
+    t.equal((await post('k', 50)).status, 0, 'the client hung up')
+    await until(() => work.runs() === 1)
+    t.equal((await post('k')).status, 409, 'while that handler runs, a duplicate is refused: the claim is held')
+    t.equal(work.runs(), 1, 'never two runs at once')
+    work.open()
+    await until(() => store.ended === 1)
+    const retry = await post('k')
+    t.equal(retry.headers['idempotent-replayed'], 'true', 'its result was saved')
+    t.same(JSON.parse(retry.body), { charged: 1 })
+    t.equal(work.runs(), 1)
+  })
+
+  t.test('the client hangs up before the claim is made, and the handler returns nothing and never answers: released when it returns', async (t) => {
+    let runs = 0
+    const { store, post } = await listen(t, (_request, reply) => {
+      if (++runs > 1) reply.code(204).send()
+    }, {}, {}, firstWaitsForHangUp)
+    t.equal((await post('k', 50)).status, 0)
+    await until(() => store.ended === 1)
+    t.equal(store.released, 1, 'released: nothing tells when it ends, and its client is gone')
+    t.equal((await post('k')).status, 204, 'the retry runs')
+    t.equal(runs, 2)
   })
 
   t.test('request.raw.destroy() in the handler: what Fastify alone sends, and the claim ends', async (t) => {
