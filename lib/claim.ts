@@ -13,7 +13,7 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import type { FastifyBaseLogger, FastifyReply, FastifyRequest, HookHandlerDoneFunction } from 'fastify'
 import { isStream, readStreamBody } from './body.js'
 import { FingerprintMismatchError, InFlightError, InvalidScopeError, KeyMissingError, StoreUnavailableError } from './errors.js'
-import { defaultFingerprint } from './fingerprint.js'
+import { isDefaultFingerprint } from './fingerprint.js'
 import { watchResponse } from './completion.js'
 import { parseKey } from './header.js'
 import { sendProblem } from './problem.js'
@@ -21,7 +21,7 @@ import { isThenable } from './thenable.js'
 import { replayResponse } from './response.js'
 import type { RouteSettings } from './route-config.js'
 import { RequestState, kState, type StatefulReply } from './state.js'
-import type { ClaimResult, IdempotencyEvent, IdempotencyRecord, MaybePromise, StoreErrorPolicy } from '../types/index.js'
+import type { ClaimResult, FingerprintFunction, IdempotencyEvent, IdempotencyRecord, MaybePromise, StoreErrorPolicy } from '../types/index.js'
 
 type RequestError = Error & { code: string, statusCode: number }
 
@@ -82,7 +82,7 @@ export function claimKey (request: FastifyRequest, reply: FastifyReply, done: Ho
     return
   }
   const scoped = scopeOf(state)
-  const streamed = state.route.fingerprint === defaultFingerprint && isStream(request.body)
+  const streamed = isDefaultFingerprint(state.route.fingerprint) && isStream(request.body)
   // An invalid scope goes the slow way too: it is refused there.
   if (isThenable(scoped) || streamed || typeof scoped === 'object') return claimAfterWaiting(state, scoped, streamed)
   storeKeyOf(state, scoped)
@@ -111,7 +111,7 @@ async function claimAfterWaiting (state: RequestState, scoped: Scope | Promise<S
   if (streamed) {
     // A body the content-type parser left as a stream is read here, so that the fingerprint covers its bytes.
     const putBack = await readStreamBody(state.request)
-    fingerprint = defaultFingerprint(state.request)
+    fingerprint = (state.route.fingerprint as FingerprintFunction)(state.request)
     putBack()
   } else {
     fingerprint = state.route.fingerprint?.(state.request)

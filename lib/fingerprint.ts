@@ -32,6 +32,31 @@ import type { FastifyRequest } from 'fastify'
  * Never throws.
  */
 export function defaultFingerprint (request: FastifyRequest): string {
+  return fingerprintOf(request, 0)
+}
+
+/** The longest text the local fingerprint keeps unhashed, in characters. */
+export const LOCAL_TEXT = 128
+
+/**
+ * The default fingerprint for a store in this process (the memory store),
+ * which never lets it out: the text that the default hashes, kept as it is
+ * when it has at most LOCAL_TEXT characters (no SHA-256 to compute), and
+ * hashed as by the default when it is longer, so that a record stays small.
+ * A text holds a space and a line break and a hash never does, so the two
+ * forms never match each other. Never throws.
+ */
+export function localFingerprint (request: FastifyRequest): string {
+  return fingerprintOf(request, LOCAL_TEXT)
+}
+
+/** Whether `fingerprint` is the default, in either form: one that reads a streamed body whole first. */
+export function isDefaultFingerprint (fingerprint: unknown): boolean {
+  return fingerprint === defaultFingerprint || fingerprint === localFingerprint
+}
+
+/** The fingerprint of `request`: its text when at most `keep` characters long, its SHA-256 otherwise. */
+function fingerprintOf (request: FastifyRequest, keep: number): string {
   let head: string
   try {
     head = request.method + ' ' + request.url + '\n'
@@ -40,7 +65,7 @@ export function defaultFingerprint (request: FastifyRequest): string {
     return UNREADABLE_REQUEST
   }
   try {
-    return fingerprintBody(head, request.body)
+    return fingerprintBody(head, request.body, keep)
   } catch {
     // A body that cannot even be read, or a canonical text longer than a string can be:
     // the body counts as `!throws`, and the request still runs and replays.
@@ -51,9 +76,9 @@ export function defaultFingerprint (request: FastifyRequest): string {
 const THROWS = '!throws'
 const UNREADABLE_REQUEST = hash('sha256', THROWS, 'base64url')
 
-function fingerprintBody (head: string, body: unknown): string {
-  if (body === undefined || body === null) return hash('sha256', head, 'base64url')
-  if (typeof body === 'string') return hash('sha256', head + 's' + body, 'base64url')
+function fingerprintBody (head: string, body: unknown, keep: number): string {
+  if (body === undefined || body === null) return textOrHash(head, '', '', keep)
+  if (typeof body === 'string') return textOrHash(head, 's', body, keep)
   if (ArrayBuffer.isView(body) || isAnyArrayBuffer(body)) {
     return createHash('sha256').update(head + 'b').update(bytesOf(body)).digest('base64url')
   }
@@ -63,8 +88,14 @@ function fingerprintBody (head: string, body: unknown): string {
     incremental.update(chunk)
   })
   // A small body never fills a chunk: one one-shot hash, the fastest path.
-  if (incremental === undefined) return hash('sha256', head + 'j' + rest, 'base64url')
+  if (incremental === undefined) return textOrHash(head, 'j', rest, keep)
   return incremental.update(rest).digest('base64url')
+}
+
+/** `head + kind + text`, as it is when at most `keep` characters long (one flat string: see key-encoder.ts), hashed otherwise. */
+function textOrHash (head: string, kind: string, text: string, keep: number): string {
+  if (head.length + kind.length + text.length <= keep) return [head, kind, text].join('')
+  return hash('sha256', head + kind + text, 'base64url')
 }
 
 /**

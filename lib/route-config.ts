@@ -6,6 +6,7 @@
  */
 import type { RouteOptions } from 'fastify'
 import { InvalidRouteConfigError } from './errors.js'
+import { defaultFingerprint, localFingerprint } from './fingerprint.js'
 import { defaultKeyEncoder, localKeyEncoder, logKeyFor } from './key-encoder.js'
 import type { LeaseKeeper } from './leases.js'
 import { check, inherit, routeConfigSchema, type Endpoint, type Inherited, type PluginSettings } from './options.js'
@@ -21,6 +22,8 @@ export interface RouteSettings extends Inherited {
   required: boolean
   manual: boolean
   store: IdempotencyStore
+  /** The request's fingerprint (Inherited's, or the default's local form for a store in this process). */
+  fingerprint: Inherited['fingerprint']
   /** Builds the store key: the plugin's `keyEncoder`, or the default's unhashed form for a store in this process. */
   keyEncoder: KeyEncoder
   /** How logs name a store key of this route (never the client's key in clear). */
@@ -65,9 +68,12 @@ export function resolveRoute (
   const inherited = inherit(options, plugin.inherited, fail)
   const store = stores.forRoute(inherited, options, fail)
   // The memory store never leaves the process: its keys need no hash (the shared stores' do).
-  const keyEncoder = plugin.keyEncoder === defaultKeyEncoder && store instanceof MemoryStore ? localKeyEncoder : plugin.keyEncoder
+  const local = store instanceof MemoryStore
+  const keyEncoder = plugin.keyEncoder === defaultKeyEncoder && local ? localKeyEncoder : plugin.keyEncoder
   return {
     ...inherited,
+    // Nor do its fingerprints, when short (see localFingerprint).
+    fingerprint: inherited.fingerprint === defaultFingerprint && local ? localFingerprint : inherited.fingerprint,
     methods,
     required: config === true || (options.required ?? plugin.mode === 'required'),
     manual: options.manual ?? false,

@@ -14,7 +14,9 @@ import fc from 'fast-check'
 import Fastify from 'fastify'
 import multipart from '@fastify/multipart'
 import type { FastifyInstance, FastifyRequest, InjectOptions } from 'fastify'
-import fastifyIdempotency, { canonicalJson, defaultFingerprint } from '../index.js'
+import fastifyIdempotency, { MemoryStore, canonicalJson, defaultFingerprint } from '../index.js'
+import { LOCAL_TEXT, isDefaultFingerprint, localFingerprint } from '../lib/fingerprint.js'
+import { localKeyEncoder } from '../lib/key-encoder.js'
 import type { FastifyIdempotencyOptions } from '../index.js'
 import { build, heldHandler, until } from './helpers/app.js'
 
@@ -53,7 +55,10 @@ test('a different body, query or body type with the same key is a 422; the handl
     ['text body', { payload: 'one', headers: { 'content-type': 'text/plain' } }, { payload: 'two', headers: { 'content-type': 'text/plain' } }],
     ['binary body', { payload: Buffer.from([1, 2]), headers: { 'content-type': 'application/octet-stream' } }, { payload: Buffer.from([1, 3]), headers: { 'content-type': 'application/octet-stream' } }],
     ['same text, other type', { payload: '{"a":1}', headers: { 'content-type': 'text/plain' } }, { payload: '{"a":1}', headers: { 'content-type': 'application/json' } }],
-    ['string vs buffer', { payload: 'ab', headers: { 'content-type': 'text/plain' } }, { payload: 'ab', headers: { 'content-type': 'application/octet-stream' } }]
+    ['string vs buffer', { payload: 'ab', headers: { 'content-type': 'text/plain' } }, { payload: 'ab', headers: { 'content-type': 'application/octet-stream' } }],
+    // Past LOCAL_TEXT, the memory store keeps the hash: the hashed form still tells them apart.
+    ['long JSON body', { payload: { note: 'n'.repeat(200), amount: 10 } }, { payload: { note: 'n'.repeat(200), amount: 11 } }],
+    ['long text body', { payload: 'n'.repeat(200) + '1', headers: { 'content-type': 'text/plain' } }, { payload: 'n'.repeat(200) + '2', headers: { 'content-type': 'text/plain' } }]
   ]
   for (const [name, first, second] of cases) {
     const { app, counter } = await counting(t)
@@ -473,6 +478,35 @@ test('defaultFingerprint: SHA-256 of the head and the body by kind, the same dig
   ]
   for (const body of bodies) t.equal(defaultFingerprint(request(body)), sha(HEAD + 'j' + canonicalJson(body)))
   t.equal(defaultFingerprint(request(records(5000))), sha(HEAD + 'j' + sortedJson(records(5000))), 'plain JSON: the hash of its sorted JSON, as before')
+})
+
+test('localFingerprint (the memory store\'s): the text the default hashes, up to LOCAL_TEXT characters; the default\'s hash beyond', async (t) => {
+  t.equal(localFingerprint(request(undefined)), HEAD)
+  t.equal(localFingerprint(request('text')), HEAD + 's' + 'text')
+  t.equal(localFingerprint(request({ b: 1, a: [1] })), HEAD + 'j' + '{"a":[1],"b":1}', 'the canonical text')
+  t.equal(localFingerprint(request(Buffer.from('ab'))), defaultFingerprint(request(Buffer.from('ab'))), 'bytes: always hashed')
+  const fits = 'x'.repeat(LOCAL_TEXT - HEAD.length - 1)
+  t.equal(localFingerprint(request(fits)), HEAD + 's' + fits, 'exactly LOCAL_TEXT characters: kept')
+  t.equal(localFingerprint(request(fits + 'x')), defaultFingerprint(request(fits + 'x')), 'one more: the default\'s hash')
+  t.equal(localFingerprint(request(records(5000))), defaultFingerprint(request(records(5000))), 'a large body, hashed in chunks, as the default')
+  const failing = { method: 'POST', url: '/p?q=1', get body () { throw new Error('body') } } as unknown as FastifyRequest
+  t.equal(localFingerprint(failing), defaultFingerprint(failing), '!throws: hashed')
+  t.ok(isDefaultFingerprint(defaultFingerprint) && isDefaultFingerprint(localFingerprint) && !isDefaultFingerprint(() => 'x'))
+  // The two forms never meet: a kept text has the head's space and line break; a hash is base64url.
+  fc.assert(fc.property(fc.string({ maxLength: 200 }), fc.string({ maxLength: 200 }), (a, b) => {
+    const [fa, fb] = [localFingerprint(request(a)), localFingerprint(request(b))]
+    return (fa === fb) === (a === b) && (fa.startsWith(HEAD) !== /^[\w-]{43}$/.test(fa))
+  }), { numRuns: 500 })
+})
+
+test('through the plugin: the memory store keeps a short fingerprint as its text', async (t) => {
+  const store = new MemoryStore()
+  t.teardown(() => store.close())
+  const app = await build(t, { store })
+  app.post('/p', async () => ({ ok: true }))
+  await app.inject({ method: 'POST', url: '/p?q=1', payload: { a: 1 }, headers: { 'idempotency-key': 'k' } })
+  const key = localKeyEncoder({ scope: undefined, method: 'POST', path: '/p', key: 'k' })
+  t.equal(store.lookup(key)?.fingerprint, HEAD + 'j{"a":1}')
 })
 
 test('defaultFingerprint never throws: a body that cannot be read is !throws, a broken request a constant', async (t) => {
