@@ -204,7 +204,7 @@ function answerClaim (state: RequestState, fingerprint: string | undefined, resu
   if (route.manual) return // the handler decides what a duplicate gets
   state.replayed = true
   state.replayPending = true
-  if (logsDebug(request.log)) request.log.debug(keyFields(state), 'idempotency: replayed a saved response')
+  if (logsDebug(request.log)) request.log.debug({ idempotencyKey: state.logKey }, 'idempotency: replayed a saved response')
   emit(route.onReplay, state)
   return replayResponse(reply, record.response, route.replayStatusCode ?? record.response.statusCode, route.plugin.replayHeader)
 }
@@ -353,15 +353,6 @@ function callbackThrew (state: RequestState, err: unknown): void {
 function countDuplicate (route: RouteSettings, outcome: 'replayed' | 'conflicts' | 'mismatches'): void {
   route.counters[outcome]++
   route.counters.lastDuplicateAt = Date.now()
-}
-
-/**
- * Log fields that name the request's store key, made only when a logger reads
- * them: a logger that writes nothing (Fastify's default, `logger: false`)
- * never hashes the key (see logKeyFor).
- */
-function keyFields (state: RequestState): { readonly idempotencyKey: string } {
-  return { get idempotencyKey () { return state.logKey } }
 }
 
 /**
