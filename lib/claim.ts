@@ -87,17 +87,11 @@ export function claimKey (request: FastifyRequest, reply: FastifyReply, done: Ho
   if (isThenable(scoped) || streamed || typeof scoped === 'object') return claimAfterWaiting(state, scoped, streamed)
   storeKeyOf(state, scoped)
   const fingerprint = state.route.fingerprint?.(request)
-  const sentAt = performance.now()
   const claimed = callClaim(state, fingerprint)
-  if (isThenable(claimed)) return claimOrAnswer(state, fingerprint, claimed, sentAt)
-  let answer: Answer | typeof IN_FLIGHT
-  try {
-    answer = answerClaim(state, fingerprint, claimed, sentAt)
-  } catch (err) {
-    done(err as Error)
-    return
-  }
-  if (answer === IN_FLIGHT) return claimOrAnswer(state, fingerprint, undefined, sentAt)
+  if (isThenable(claimed)) return claimOrAnswer(state, fingerprint, claimed)
+  // A refusal (422) throws here, and Fastify's hook runner sends it as it sends done(err).
+  const answer = answerClaim(state, fingerprint, claimed)
+  if (answer === IN_FLIGHT) return claimOrAnswer(state, fingerprint, undefined)
   if (answer === undefined) done()
   // Otherwise the request was answered (a replay, a problem+json refusal): the chain stops there.
   return undefined
@@ -116,8 +110,7 @@ async function claimAfterWaiting (state: RequestState, scoped: Scope | Promise<S
   } else {
     fingerprint = state.route.fingerprint?.(state.request)
   }
-  const sentAt = performance.now()
-  return claimOrAnswer(state, fingerprint, callClaim(state, fingerprint), sentAt)
+  return claimOrAnswer(state, fingerprint, callClaim(state, fingerprint))
 }
 
 /** The store key of the request: its scope, method, path (without the query string) and key. */
@@ -127,8 +120,13 @@ function storeKeyOf (state: RequestState, scope: string | undefined): void {
   state.storeKey = state.route.keyEncoder({ scope, method, path: queryAt === -1 ? url : url.slice(0, queryAt), key: state.key as string })
 }
 
-/** One atomic claim-or-get of the key in the store; a store that throws gives a rejected promise. */
+/**
+ * One atomic claim-or-get of the key in the store, noting when it was sent
+ * (a claim it makes is held from then on); a store that throws gives a
+ * rejected promise.
+ */
 function callClaim (state: RequestState, fingerprint: string | undefined): MaybePromise<ClaimResult> {
+  state.claimSentAt = performance.now()
   try {
     return state.route.store.claim(state.storeKey, fingerprint, state.route.plugin.lockTtl)
   } catch (err) {
@@ -142,7 +140,7 @@ function callClaim (state: RequestState, fingerprint: string | undefined): Maybe
  * claim found it so). It claims again with back-off until the key is
  * claimed, its record is complete, or inFlight.wait is over.
  */
-async function claimOrAnswer (state: RequestState, fingerprint: string | undefined, claimed: MaybePromise<ClaimResult> | undefined, sentAt: number): Promise<Answer> {
+async function claimOrAnswer (state: RequestState, fingerprint: string | undefined, claimed: MaybePromise<ClaimResult> | undefined): Promise<Answer> {
   const { route, request, reply } = state
   const { inFlightWait } = route.plugin
   const deadline = inFlightWait > 0 ? performance.now() + inFlightWait : 0
@@ -161,7 +159,7 @@ async function claimOrAnswer (state: RequestState, fingerprint: string | undefin
         request.log.error({ err, idempotencyKey: state.logKey }, 'idempotency: store failed; the key was read instead (read-only lookup)')
         result = { record }
       }
-      const answer = answerClaim(state, fingerprint, result, sentAt)
+      const answer = answerClaim(state, fingerprint, result)
       if (answer !== IN_FLIGHT) return answer
       seenInFlight = true
     }
@@ -174,7 +172,6 @@ async function claimOrAnswer (state: RequestState, fingerprint: string | undefin
     await sleep(Math.min(pause, left))
     if (reply.sent) return // answered meanwhile (a handler timeout): stop waiting
     pause = Math.min(pause * 2, LONGEST_POLL)
-    sentAt = performance.now()
     claimed = callClaim(state, fingerprint)
   }
 }
@@ -184,10 +181,10 @@ async function claimOrAnswer (state: RequestState, fingerprint: string | undefin
  * handler runs), or it is a duplicate: refused when its fingerprint differs
  * (422), replayed when the record is complete, or IN_FLIGHT.
  */
-function answerClaim (state: RequestState, fingerprint: string | undefined, result: ClaimResult, sentAt: number): Answer | typeof IN_FLIGHT {
+function answerClaim (state: RequestState, fingerprint: string | undefined, result: ClaimResult): Answer | typeof IN_FLIGHT {
   const { route, request, reply } = state
   if (result.token !== undefined) {
-    holdClaim(state, result.token, sentAt)
+    holdClaim(state, result.token)
     return
   }
   const record = result.record
@@ -210,10 +207,10 @@ function answerClaim (state: RequestState, fingerprint: string | undefined, resu
 }
 
 /** The request now holds the claim: it runs the handler, renews its lease, and ends the claim when it is over. */
-function holdClaim (state: RequestState, token: string, sentAt: number): void {
+function holdClaim (state: RequestState, token: string): void {
   state.token = token
   state.route.counters.executed++
-  state.route.plugin.leases.hold(state, sentAt)
+  state.route.plugin.leases.hold(state, state.claimSentAt)
   // The reply may have gone out while the claim was pending (a handler timeout): the handler
   // will not run then, and the claim is released as soon as that reply is over.
   watchResponse(state)

@@ -145,12 +145,12 @@ function sameBody (a: string | Buffer, b: string | Buffer): boolean {
 
 /** Marks the response over when the raw response closes (sent, or the connection cut). */
 export function watchResponse (state: RequestState): void {
-  const { raw, sent } = state.reply
+  const raw = state.reply.raw
   if (raw.writableFinished || raw.destroyed) {
     state.responseOver = true
     // The client went away while the claim was pending: Fastify still runs the handler (it runs
     // it unless a reply went out), so the claim ends when the handler does, never before it.
-    if (sent) endClaim(state)
+    if (state.reply.sent) endClaim(state)
     return
   }
   raw.on('close', () => { // emitted once, at the end of the response

@@ -57,6 +57,8 @@ export class RequestState implements IdempotencyReplyState, Linked<RequestState>
   /** What `completeWith` committed through the handler's transaction, if it was called. */
   committed: StoredResponse | undefined = undefined
 
+  /** When the last claim of the key was sent to the store (`performance.now()`): a claim it made is held from then. */
+  claimSentAt = 0
   /** Until when, on the monotonic clock (`performance.now()`), the claim is known to be held. */
   heldUntil = 0
   /** A renewal found the claim gone: it is not renewed again, and nothing is saved for it. */

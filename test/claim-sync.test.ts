@@ -77,6 +77,7 @@ t.test('problem+json: a mismatch found at once is answered through the hook chai
   t.equal(mismatch.statusCode, 422)
   t.match(mismatch.headers['content-type'], /^application\/problem\+json/)
   t.same(seen.handler, [true], 'the handler ran once')
+  t.same(seen.onSend.slice(1), [true], 'the refusal was sent in the same turn')
 })
 
 t.test('a store that answers later: waited for, with the same answers', async (t) => {
