@@ -152,7 +152,8 @@ async function claimOrAnswer (state: RequestState, fingerprint: string | undefin
       try {
         result = await claimed
       } catch (err) {
-        if (REFUSALS.has((err as { code?: string }).code as string)) return answerRefusal(state, err as RequestError)
+        // A custom store may fail with anything, undefined and null included: only a refusal has a code of ours.
+        if (REFUSALS.has((err as { code?: string } | null | undefined)?.code as string)) return answerRefusal(state, err as RequestError)
         route.counters.storeErrors++
         const record = await lookupAfterFailure(state)
         if (record === undefined) return refuse(state, err, seenInFlight)

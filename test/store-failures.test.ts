@@ -149,3 +149,34 @@ t.test('inFlight.wait is measured on the monotonic clock: a wall clock stepped b
   slow.open()
   await original
 })
+
+t.test('a store that fails with no error object (undefined, null, a string) gets the onStoreError policy, never a 500', async (t) => {
+  for (const thrown of [undefined, null, 'down']) {
+    for (const how of ['throws', 'rejects'] as const) {
+      for (const policy of ['fail-closed', 'fail-open'] as StoreErrorPolicy[]) {
+        const inner = new MemoryStore()
+        t.teardown(() => inner.close())
+        const store: IdempotencyStore = {
+          claim () {
+            if (how === 'throws') throw thrown
+            return Promise.reject(thrown)
+          },
+          complete: inner.complete.bind(inner),
+          release: inner.release.bind(inner),
+          renew: inner.renew.bind(inner)
+        }
+        const seen: unknown[] = []
+        const app = await build(t, { store, onStoreError: (_request, _key, err) => { seen.push(err); return policy } })
+        let runs = 0
+        app.post('/', async () => ({ run: ++runs }))
+        const res = await send(app)
+        const label = `${String(thrown)}, ${how}, ${policy}`
+        t.equal(res.statusCode, policy === 'fail-open' ? 200 : 503, `${label}: the policy decides`)
+        if (policy === 'fail-closed') t.equal(res.json().code, 'FST_IDEMPOTENCY_STORE_UNAVAILABLE', label)
+        t.equal(runs, policy === 'fail-open' ? 1 : 0, `${label}: the handler runs only when the policy lets it`)
+        t.same(seen, [thrown], `${label}: onStoreError is given what the store threw`)
+        await app.close()
+      }
+    }
+  }
+})
